@@ -1,0 +1,335 @@
+"""Generate ``torch.nn.GroupNorm`` ONNX exports into ``models/torch/``.
+
+Routes (see shared/research/exported-patterns.md, section 5):
+
+* ``torch_groupnorm_ts``: ``torch.onnx.export(module, (x,), dynamo=False, opset_version=13/17/18/21)``,
+  static or with ``dynamic_axes``. Pattern ``Reshape(x,[0,G,-1]) -> InstanceNormalization -> Reshape ->
+  Mul(gamma[C,1..]) -> Add(beta[C,1..])`` (family ``torch-instancenorm``), at every opset including 21.
+* ``torch_groupnorm_dynamo``: ``torch.onnx.export(module, (x,), dynamo=True, opset_version=18/20)``
+  (family ``torch-instancenorm``) and ``opset_version=21`` (a native ``GroupNormalization-21``; family
+  ``onnx-GroupNormalization-op``).
+
+Expected outputs are torch's own ``module(x)`` (eval mode, CPU), never onnxruntime's. Every model is
+checked with ``onnx.checker.check_model(full_check=True)`` and run with onnxruntime CPU against them.
+
+Rebuild from nothing (Python 3.11.7, ``python3.11`` from pyenv; same venv as gen_keras_torch.py)::
+
+    python3.11 -m venv /opt/venvs/torch
+    /opt/venvs/torch/bin/pip install -q -r models/generators/requirements-torch.txt
+    # i.e. torch==2.13.0 (the CPU wheel, +cpu) onnx==1.23.2 onnxscript==0.7.2 onnxruntime==1.32.0
+    #      numpy==2.4.6 keras==3.15.1 (full pin list in the requirements file)
+    /opt/venvs/torch/bin/python models/generators/gen_torch_groupnorm.py
+
+Options: ``--out DIR`` (write there and leave the manifest alone), ``--only NAME [NAME ...]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+import tempfile
+import traceback
+import warnings
+
+import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from _manifest import MANIFEST, MODELS_DIR, save_npz, update_manifest  # noqa: E402
+
+import onnx  # noqa: E402
+import onnxruntime as ort  # noqa: E402
+import onnxscript  # noqa: E402
+import torch  # noqa: E402
+
+warnings.filterwarnings("ignore")
+
+SCRIPT = "gen_torch_groupnorm.py"
+SUBDIR = "torch"
+PYTHON = ".".join(map(str, sys.version_info[:3]))
+FRAMEWORKS = {
+    "torch": torch.__version__,
+    "onnx": onnx.__version__,
+    "onnxscript": onnxscript.__version__,
+    "onnxruntime": ort.__version__,
+    "numpy": np.__version__,
+}
+TS = "torch_groupnorm_ts"
+DY = "torch_groupnorm_dynamo"
+EXPORTER = {TS: "torch.onnx.export(dynamo=False)", DY: "torch.onnx.export(dynamo=True)"}
+
+
+def C(name, route, opset, *, rank=4, channels=16, groups=4, eps=1e-5, affine=True, dtype="float32",
+      body="gn", dyn=(), weights="random", seed=0, spatial=8):
+    """body: "gn" (GroupNorm on the input) or "block" (Conv-GN-SiLU-Conv). dyn: subset of {"batch","hw"}."""
+    return dict(name=name, route=route, opset=opset, rank=rank, channels=channels, groups=groups, eps=eps,
+                affine=affine, dtype=dtype, body=body, dyn=tuple(dyn), weights=weights, seed=seed,
+                spatial=spatial)
+
+
+CONFIGS = [
+    # TorchScript exporter
+    C("torch_gn_ts_r4_g4_opset13_static", TS, 13, seed=1),
+    C("torch_gn_ts_r4_g4_opset17_dynbatchhw", TS, 17, dyn=("batch", "hw"), seed=2),
+    C("torch_gn_ts_r4_g1_opset18_dynbatch", TS, 18, groups=1, dyn=("batch",), seed=3),
+    C("torch_gn_ts_r4_g16_c16_opset21_static", TS, 21, groups=16, seed=4),
+    C("torch_gn_ts_r4_g8_noaffine_opset17_static", TS, 17, groups=8, affine=False, seed=5),
+    C("torch_gn_ts_r3_g4_opset17_dynbatchlen", TS, 17, rank=3, dyn=("batch", "hw"), seed=6),
+    C("torch_gn_ts_r5_g2_c8_opset18_static", TS, 18, rank=5, channels=8, groups=2, spatial=4, seed=7),
+    C("torch_gn_ts_r4_g32_c64_eps1e6_opset21_dynbatchhw", TS, 21, channels=64, groups=32, eps=1e-6,
+      dyn=("batch", "hw"), seed=8),
+    C("torch_gn_ts_r4_g4_opset17_initial", TS, 17, weights="initial", seed=9),
+    C("torch_gn_ts_r4_g4_opset17_float16", TS, 17, dtype="float16", seed=10),
+    C("torch_gn_ts_block_c32_g8_opset17_dynbatch", TS, 17, channels=32, groups=8, body="block",
+      dyn=("batch",), seed=11),
+    # dynamo exporter
+    C("torch_gn_dynamo_r4_g4_opset18_static", DY, 18, seed=21),
+    C("torch_gn_dynamo_r4_g8_opset20_dynbatchhw", DY, 20, groups=8, dyn=("batch", "hw"), seed=22),
+    C("torch_gn_dynamo_r3_g2_c8_noaffine_opset18", DY, 18, rank=3, channels=8, groups=2, affine=False,
+      seed=23),
+    C("torch_gn_dynamo_r4_g4_opset21_static", DY, 21, seed=24),
+    C("torch_gn_dynamo_r4_g16_c16_opset21_dynbatch", DY, 21, groups=16, dyn=("batch",), seed=25),
+    C("torch_gn_dynamo_r3_g1_opset21_static", DY, 21, rank=3, groups=1, eps=1e-3, seed=26),
+    C("torch_gn_dynamo_r5_g4_c8_opset21_static", DY, 21, rank=5, channels=8, groups=4, spatial=4, seed=27),
+    C("torch_gn_dynamo_r4_g4_noaffine_opset21_static", DY, 21, affine=False, seed=28),
+    C("torch_gn_dynamo_block_c32_g8_opset21_static", DY, 21, channels=32, groups=8, body="block", seed=29),
+    C("torch_gn_dynamo_block_c32_g8_opset18_dynbatchhw", DY, 18, channels=32, groups=8, body="block",
+      dyn=("batch", "hw"), seed=30),
+]
+
+
+def family(cfg):
+    return "onnx-GroupNormalization-op" if cfg["route"] == DY and cfg["opset"] >= 21 else "torch-instancenorm"
+
+
+class Block(torch.nn.Module):
+    def __init__(self, rank, c, g, eps, affine):
+        super().__init__()
+        conv = {3: torch.nn.Conv1d, 4: torch.nn.Conv2d, 5: torch.nn.Conv3d}[rank]
+        self.conv1 = conv(c, c, 3, padding=1)
+        self.gn = torch.nn.GroupNorm(g, c, eps=eps, affine=affine)
+        self.act = torch.nn.SiLU()
+        self.conv2 = conv(c, c, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv2(self.act(self.gn(self.conv1(x))))
+
+
+def build(cfg):
+    torch.manual_seed(cfg["seed"])
+    c, g = cfg["channels"], cfg["groups"]
+    if cfg["body"] == "block":
+        mod = Block(cfg["rank"], c, g, cfg["eps"], cfg["affine"])
+    else:
+        mod = torch.nn.GroupNorm(g, c, eps=cfg["eps"], affine=cfg["affine"])
+    if cfg["weights"] == "random":
+        rng = np.random.default_rng(1000 + cfg["seed"])
+        with torch.no_grad():
+            for m in mod.modules():
+                if isinstance(m, torch.nn.GroupNorm) and m.affine:
+                    m.weight.copy_(torch.from_numpy(rng.uniform(0.5, 1.5, c).astype("float32")))
+                    m.bias.copy_(torch.from_numpy(rng.normal(0.0, 0.5, c).astype("float32")))
+    mod.eval()
+    if cfg["dtype"] == "float16":
+        mod = mod.half()
+    return mod
+
+
+def in_shape(cfg, batch, spatial):
+    return (batch, cfg["channels"]) + (spatial,) * (cfg["rank"] - 2)
+
+
+def make_input(cfg, batch, spatial, seed):
+    rng = np.random.default_rng(seed)
+    # a non-zero mean per sample/channel, so the normalisation has something to remove
+    x = rng.normal(0.5, 1.5, in_shape(cfg, batch, spatial))
+    return x.astype(cfg["dtype"])
+
+
+def export(cfg, mod, x_trace, path):
+    spatial_axes = list(range(2, cfg["rank"]))
+    names = ["h", "w", "d"]
+    if cfg["route"] == TS:
+        kw = {}
+        if cfg["dyn"]:
+            axes = {}
+            if "batch" in cfg["dyn"]:
+                axes[0] = "batch"
+            if "hw" in cfg["dyn"]:
+                for i, a in enumerate(spatial_axes):
+                    axes[a] = names[i]
+            kw["dynamic_axes"] = {"x": axes, "y": dict(axes)}
+        torch.onnx.export(mod, (torch.from_numpy(x_trace),), str(path), dynamo=False,
+                          opset_version=cfg["opset"], input_names=["x"], output_names=["y"],
+                          do_constant_folding=True, **kw)
+    else:
+        kw = {}
+        if cfg["dyn"]:
+            Dim = torch.export.Dim
+            axes = {}
+            if "batch" in cfg["dyn"]:
+                axes[0] = Dim("batch", min=1, max=64)
+            if "hw" in cfg["dyn"]:
+                for i, a in enumerate(spatial_axes):
+                    axes[a] = Dim(names[i], min=2, max=256)
+            kw["dynamic_shapes"] = (axes,)
+        prog = torch.onnx.export(mod, (torch.from_numpy(x_trace),), dynamo=True, opset_version=cfg["opset"],
+                                 input_names=["x"], output_names=["y"], **kw)
+        prog.save(str(path))
+
+
+def check_pattern(cfg, m):
+    ops = {n.op_type for n in m.graph.node}
+    want = "GroupNormalization" if family(cfg) == "onnx-GroupNormalization-op" else "InstanceNormalization"
+    if want not in ops:
+        raise RuntimeError(f"expected a {want} node, got ops {sorted(ops)}")
+
+
+# Floors: ORT often matches torch to ~1e-6, but the floor leaves room for a fused GroupNormalization whose
+# reductions round differently; fp16 floor = a few fp16 ulps.
+TOL_LADDER = {"float32": [1e-5, 3e-5, 1e-4, 3e-4, 1e-3], "float16": [3e-3, 1e-2, 3e-2, 1e-1]}
+
+
+def pick_tolerance(ref, got, kind):
+    ref = ref.astype(np.float64)
+    err = np.abs(ref - got.astype(np.float64))
+    for t in TOL_LADDER[kind]:
+        if np.all(3 * err <= t + t * np.abs(ref)):
+            return t, float(err.max())
+    raise RuntimeError(f"onnxruntime vs torch: max abs err {err.max():.3g} beyond the {kind} ladder")
+
+
+def dim_json(d):
+    if d.HasField("dim_value"):
+        return int(d.dim_value)
+    if d.HasField("dim_param"):
+        return d.dim_param
+    return None
+
+
+def io_json(vis):
+    return [{"name": vi.name, "shape": [dim_json(d) for d in vi.type.tensor_type.shape.dim],
+             "dtype": onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type).name} for vi in vis]
+
+
+def config_text(cfg):
+    keys = ("rank", "channels", "groups", "eps", "affine", "dtype", "body", "dyn", "opset", "weights")
+    return ", ".join(f"{k}={cfg[k]}" for k in keys)
+
+
+def generate(cfg, out_dir):
+    name = cfg["name"]
+    mod = build(cfg)
+    x_trace = make_input(cfg, 2, cfg["spatial"], 10_000 + cfg["seed"])
+    batch = 3 if "batch" in cfg["dyn"] else 2
+    spatial = 12 if "hw" in cfg["dyn"] else cfg["spatial"]
+    if cfg["rank"] == 5 and "hw" in cfg["dyn"]:
+        spatial = 6
+    x = make_input(cfg, batch, spatial, 20_000 + cfg["seed"])
+
+    path = out_dir / SUBDIR / f"{name}.onnx"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as td:
+        tmp = pathlib.Path(td) / "m.onnx"
+        export(cfg, mod, x_trace, tmp)
+        m = onnx.load(str(tmp))
+        onnx.save(m, str(path))
+    check_pattern(cfg, m)
+    onnx.checker.check_model(m, full_check=True)
+
+    with torch.no_grad():
+        y = mod(torch.from_numpy(x)).numpy()
+    out_dtype = onnx.helper.tensor_dtype_to_np_dtype(m.graph.output[0].type.tensor_type.elem_type)
+    y = y.astype(out_dtype)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {sess.get_inputs()[0].name: x})[0]
+    if got.shape != y.shape:
+        raise RuntimeError(f"onnxruntime output shape {got.shape} != torch {y.shape}")
+    kind = "float16" if out_dtype == np.float16 else "float32"
+    tol, maxerr = pick_tolerance(y, got, kind)
+    save_npz(path.with_suffix(".npz"), [x], [y])
+
+    layer = {"groups": cfg["groups"], "axis": 1, "epsilon": float(cfg["eps"]), "center": cfg["affine"],
+             "scale": cfg["affine"], "channels": cfg["channels"], "input_rank": cfg["rank"],
+             "dtype_policy": cfg["dtype"]}
+    notes = [f"config: {config_text(cfg)}.",
+             f"torch.nn.GroupNorm (channels-first, axis 1; center=scale=affine); expected output = torch "
+             f"module(x) in eval mode on CPU; ORT CPU max abs err {maxerr:.3g}; tolerance (rtol=atol) = "
+             f"tightest of the {kind} ladder {TOL_LADDER[kind]} passing with 3x margin (the floor leaves "
+             f"room for a fused GN's different rounding)."]
+    if cfg["dyn"]:
+        notes.append(f"dynamic dims {list(cfg['dyn'])}; traced with batch 2 spatial {cfg['spatial']}, test "
+                     f"data uses batch {batch} spatial {spatial}.")
+    if cfg["body"] == "block":
+        notes.append("block: Conv-GroupNorm-SiLU-Conv (3x3, padding 1).")
+    if cfg["dtype"] == "float16":
+        notes.append("module.half(): float16 input, GN run in float16 by torch (CPU) and by ORT.")
+    if cfg["weights"] == "initial":
+        notes.append("GroupNorm weight/bias left at torch's initial ones/zeros.")
+    if not cfg["affine"]:
+        notes.append("affine=False (no weight/bias parameters).")
+    if family(cfg) == "onnx-GroupNormalization-op":
+        notes.append("dynamo opset 21 emits a native GroupNormalization-21 node (per-channel scale/bias).")
+    return {
+        "name": name,
+        "file": f"{SUBDIR}/{name}.onnx",
+        "data": f"{SUBDIR}/{name}.npz",
+        "route": cfg["route"],
+        "pattern_family": family(cfg),
+        "exporter": {"name": EXPORTER[cfg["route"]], "version": f"torch {torch.__version__}"},
+        "frameworks": dict(FRAMEWORKS),
+        "python": PYTHON,
+        "opset": next(o.version for o in m.opset_import if o.domain in ("", "ai.onnx")),
+        "dtype_policy": cfg["dtype"],
+        "inputs": io_json(m.graph.input),
+        "outputs": io_json(m.graph.output),
+        "expected_group_norms": 1,
+        "layers": [layer],
+        "negative": False,
+        "hand_built": False,
+        "weights": cfg["weights"],
+        "tolerance": {"rtol": tol, "atol": tol},
+        "notes": " ".join(notes),
+    }
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=pathlib.Path, default=MODELS_DIR)
+    ap.add_argument("--only", nargs="+", default=None)
+    args = ap.parse_args(argv)
+    out_dir = args.out.resolve()
+    cfgs = CONFIGS
+    if args.only:
+        unknown = set(args.only) - {c["name"] for c in CONFIGS}
+        if unknown:
+            ap.error(f"unknown names: {sorted(unknown)}")
+        cfgs = [c for c in CONFIGS if c["name"] in args.only]
+    models, failures = [], []
+    for cfg in cfgs:
+        try:
+            entry = generate(cfg, out_dir)
+            models.append(entry)
+            print(f"ok   {cfg['name']}  opset={entry['opset']} tol={entry['tolerance']['atol']}", flush=True)
+        except Exception as e:  # noqa: BLE001 - every failing route is recorded
+            msg = "".join(traceback.format_exception_only(type(e), e)).strip()
+            lines = [ln for ln in msg.splitlines() if ln.strip()][:3]
+            for p in (out_dir / SUBDIR / f"{cfg['name']}.onnx", out_dir / SUBDIR / f"{cfg['name']}.npz"):
+                p.unlink(missing_ok=True)
+            failures.append({"route": cfg["route"], "name": cfg["name"], "config": config_text(cfg),
+                             "exporter": {"name": EXPORTER[cfg["route"]], "version": f"torch {torch.__version__}"},
+                             "frameworks": dict(FRAMEWORKS), "error": "\n".join(lines)[:1000]})
+            print(f"FAIL {cfg['name']}: {lines[0][:300] if lines else type(e).__name__}", flush=True)
+    if out_dir == MODELS_DIR.resolve():
+        if args.only and MANIFEST.exists():
+            data = json.loads(MANIFEST.read_text())
+            done = {c["name"] for c in cfgs}
+            models += [m for m in data["models"] if m.get("generator") == SCRIPT and m["name"] not in done]
+            failures += [f for f in data["failures"] if f.get("generator") == SCRIPT and f["name"] not in done]
+        update_manifest(SCRIPT, models, failures)
+    print(f"{len(models)} models, {len(failures)} failures")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,247 @@
+"""The onnxscript function bodies of our GroupNormalization op.
+
+One op (``contract.DOMAIN``/``GroupNormalization``), several bodies. An ONNX function body
+is fixed: it cannot branch on whether an optional input was given or on the input dtype
+without an ``If`` node, and onnxruntime inlines it with the *model's* opset. So we
+specialise the body when we attach it, and tell the bodies apart with the ONNX function
+``overload`` field (IR version 10); the node keeps op type, domain, attributes and inputs:
+
+* **affine variant** (``center``/``scale``): gamma and beta are optional inputs (``X``,
+  ``gamma``, ``beta``, with an empty name for an absent one). The body for a variant only
+  reads the inputs it has, so ``scale=False`` costs no multiply by ones and ``center=False``
+  no add of zeros.
+* **layout** ``cf`` (channel axis 1: channels-first, and every rank-2 input) or ``nd``
+  (channel axis elsewhere: channels-last or a middle axis). Each uses the fastest
+  onnxruntime CPU kernels for its memory layout (see ``benchmarks/bench_op.py``):
+
+  - ``cf``: ``Reshape(x, [N, G, -1])`` makes every group contiguous; we subtract a first
+    mean (ReduceMean), normalise the deviations with ``InstanceNormalization`` (scale 1,
+    bias 0) and apply gamma/beta per channel with one ``BatchNormalization`` (mean 0,
+    var 1, epsilon 0), a single pass over the tensor.
+  - ``nd``: view ``x`` as ``[N, A, G, C/G, B]`` (A = dims before the channel axis, B = dims
+    after it), reduce over ``[3, 4]`` then ``[1]`` (each reduction is one of onnxruntime's
+    fast reduce patterns, unlike one reduce over the three axes), and apply the statistics
+    and gamma/beta folded into one per-channel scale and shift.
+* **dtype**: float16 and bfloat16 inputs are computed in float32 and cast back (Keras 3 and
+  ONNX ``stash_type=1`` do the same); float32 in float32; float64 in float64 (``nd`` body,
+  since onnxruntime's InstanceNormalization has no float64 kernel).
+
+Precision: both bodies are a *corrected two-pass*: a first mean ``m`` is subtracted, then
+the mean and the variance of the deviations ``d = x - m`` are taken. ``d`` is small, so
+``E[d^2] - E[d]^2`` does not cancel even when ``|mean| >> std`` (mean 1e3, std 1e-2), where
+ONNX GroupNormalization-21's own body (E[x^2] - E[x]^2 in the input type) returns NaN.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import onnx
+from onnxscript import FLOAT, INT64, script
+from onnxscript import opset13 as op13
+from onnxscript import opset18 as op18
+from onnxscript.values import Opset
+
+from . import contract
+
+__all__ = ["Variant", "variant_for", "function_proto", "LAYOUTS"]
+
+LAYOUTS = ("cf", "nd")
+
+_CUSTOM_OPSET = Opset(contract.DOMAIN, contract.VERSION)
+
+_STASHED = (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
+_SUPPORTED_DTYPES = (*_STASHED, onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE)
+
+
+class Variant(tuple):
+    """Which body a node needs: ``(layout, dtype, scale, center)``; ``overload`` names it."""
+
+    __slots__ = ()
+
+    def __new__(cls, layout: str, dtype: int, scale: bool, center: bool):
+        if layout not in LAYOUTS:
+            raise ValueError(f"unknown layout {layout!r}")
+        if dtype not in _SUPPORTED_DTYPES:
+            raise ValueError(
+                f"GroupNormalization supports float16, bfloat16, float32 and float64 inputs, "
+                f"got {onnx.TensorProto.DataType.Name(dtype)}"
+            )
+        return super().__new__(cls, (layout, int(dtype), bool(scale), bool(center)))
+
+    layout = property(lambda self: self[0])
+    dtype = property(lambda self: self[1])
+    scale = property(lambda self: self[2])
+    center = property(lambda self: self[3])
+
+    @property
+    def overload(self) -> str:
+        dtype = onnx.TensorProto.DataType.Name(self.dtype).lower()
+        affine = ("g" if self.scale else "") + ("b" if self.center else "")
+        return f"{self.layout}_{dtype}_{affine or 'plain'}"
+
+    @classmethod
+    def from_overload(cls, overload: str) -> Variant:
+        """Inverse of :attr:`overload`; ValueError for a name we did not make."""
+        try:
+            layout, dtype, affine = overload.split("_")
+            return cls(
+                layout,
+                onnx.TensorProto.DataType.Value(dtype.upper()),
+                "g" in affine,
+                "b" in affine,
+            )
+        except ValueError as e:
+            raise ValueError(f"{overload!r} is not an overload of our GroupNormalization") from e
+
+
+def variant_for(rank: int, axis: int, dtype: int, scale: bool, center: bool) -> Variant:
+    """The body for an input of ``rank`` with the channel on ``axis`` (may be negative)."""
+    layout = "cf" if axis % rank == 1 and dtype != onnx.TensorProto.DOUBLE else "nd"
+    return Variant(layout, dtype, scale, center)
+
+
+def _build(variant: Variant, opset: int) -> onnx.FunctionProto:
+    # Python constants read by the script below: onnxscript turns `if NAME:` on an
+    # outer-scope constant into a static choice, so each variant has a straight-line body.
+    STASH = variant.dtype in _STASHED
+    COMPUTE = onnx.TensorProto.FLOAT if variant.dtype != onnx.TensorProto.DOUBLE else onnx.TensorProto.DOUBLE
+    OUT = variant.dtype
+    SCALE = variant.scale
+    CENTER = variant.center
+    AFFINE = variant.scale or variant.center
+    NO_AFFINE = not AFFINE
+    R18 = opset >= 18  # ReduceSumSquare/ReduceMean take axes as an input from opset 18
+    R13 = not R18
+    op = op18 if R18 else op13
+
+    if variant.layout == "cf":
+
+        @script(_CUSTOM_OPSET, default_opset=op)
+        def GroupNormalization(X, gamma, beta, groups: int, axis: int, epsilon: float):
+            if STASH:
+                x = op.Cast(X, to=COMPUTE)
+            else:
+                x = op.Identity(X)
+            shape = op.Shape(X)
+            channels = op.Gather(shape, op.Constant(value_ints=[1]))
+            g1 = op.Unsqueeze(op.Constant(value_int=groups), op.Constant(value_ints=[0]))
+            num_groups = op.Where(op.Less(g1, op.Constant(value_ints=[1])), channels, g1)
+            x3 = op.Reshape(x, op.Concat(op.Constant(value_ints=[0]), num_groups, op.Constant(value_ints=[-1]), axis=0))
+            # A first mean, subtracted so the statistics below see small deviations.
+            if R18:
+                m = op.ReduceMean(x3, op.Constant(value_ints=[2]), keepdims=1)
+            if R13:
+                m = op.ReduceMean(x3, axes=[2], keepdims=1)
+            d = op.Sub(x3, m)
+            ones_g = op.ConstantOfShape(num_groups, value=onnx.helper.make_tensor("one", onnx.TensorProto.FLOAT, [1], [1.0]))
+            zeros_g = op.ConstantOfShape(num_groups, value=onnx.helper.make_tensor("zero", onnx.TensorProto.FLOAT, [1], [0.0]))
+            n = op.Reshape(op.InstanceNormalization(d, ones_g, zeros_g, epsilon=epsilon), shape)
+            if AFFINE:
+                ones_c = op.ConstantOfShape(channels, value=onnx.helper.make_tensor("one", onnx.TensorProto.FLOAT, [1], [1.0]))
+                zeros_c = op.ConstantOfShape(channels, value=onnx.helper.make_tensor("zero", onnx.TensorProto.FLOAT, [1], [0.0]))
+                if SCALE:
+                    gam = op.Cast(gamma, to=COMPUTE)
+                else:
+                    gam = op.Identity(ones_c)
+                if CENTER:
+                    bet = op.Cast(beta, to=COMPUTE)
+                else:
+                    bet = op.Identity(zeros_c)
+                # Per-channel affine in one pass: (n - 0) / sqrt(1 + 0) * gam + bet.
+                y = op.BatchNormalization(n, gam, bet, zeros_c, ones_c, epsilon=0.0)
+            if NO_AFFINE:
+                y = op.Identity(n)
+            if STASH:
+                Y = op.Cast(y, to=OUT)
+            else:
+                Y = op.Identity(y)
+            return Y
+
+    else:
+
+        @script(_CUSTOM_OPSET, default_opset=op)
+        def GroupNormalization(X, gamma, beta, groups: int, axis: int, epsilon: float):
+            if STASH:
+                x = op.Cast(X, to=COMPUTE)
+            else:
+                x = op.Identity(X)
+            shape = op.Shape(X)
+            rank = op.Shape(shape)
+            ax = op.Unsqueeze(op.Constant(value_int=axis), op.Constant(value_ints=[0]))
+            ax = op.Where(op.Less(ax, op.Constant(value_ints=[0])), op.Add(ax, rank), ax)
+            channels = op.Gather(shape, ax)
+            g1 = op.Unsqueeze(op.Constant(value_int=groups), op.Constant(value_ints=[0]))
+            num_groups = op.Where(op.Less(g1, op.Constant(value_ints=[1])), channels, g1)
+            per_group = op.Div(channels, num_groups)
+            one = op.Constant(value_ints=[1])
+            before = op.ReduceProd(op.Concat(one, op.Slice(shape, one, ax), axis=0), keepdims=1)
+            after = op.ReduceProd(op.Concat(one, op.Slice(shape, op.Add(ax, one), rank), axis=0), keepdims=1)
+            x5 = op.Reshape(x, op.Concat(op.Slice(shape, op.Constant(value_ints=[0]), one), before, num_groups, per_group, after, axis=0))
+            count = op.Cast(op.Mul(op.Mul(before, per_group), after), to=COMPUTE)
+            inner = op.Constant(value_ints=[3, 4])
+            # Reduce [3, 4] then [1]: two fast reduce kernels instead of one slow strided one.
+            m = op.Div(op.ReduceSum(op.ReduceSum(x5, inner, keepdims=1), one, keepdims=1), count)
+            d = op.Sub(x5, m)
+            s1 = op.ReduceSum(op.ReduceSum(d, inner, keepdims=1), one, keepdims=1)
+            if R18:
+                sq = op.ReduceSumSquare(d, inner, keepdims=1)
+            if R13:
+                sq = op.ReduceSumSquare(d, axes=[3, 4], keepdims=1)
+            s2 = op.ReduceSum(sq, one, keepdims=1)
+            md = op.Div(s1, count)
+            var = op.Sub(op.Div(s2, count), op.Mul(md, md))
+            eps = op.Cast(op.Constant(value_float=epsilon), to=COMPUTE)
+            inv = op.Reciprocal(op.Sqrt(op.Add(var, eps)))
+            affine_shape = op.Concat(op.Constant(value_ints=[1, 1]), num_groups, per_group, one, axis=0)
+            if SCALE:
+                a = op.Mul(inv, op.Reshape(op.Cast(gamma, to=COMPUTE), affine_shape))
+            else:
+                a = op.Identity(inv)
+            if CENTER:
+                b = op.Sub(op.Reshape(op.Cast(beta, to=COMPUTE), affine_shape), op.Mul(md, a))
+            else:
+                b = op.Neg(op.Mul(md, a))
+            y = op.Reshape(op.Add(op.Mul(d, a), b), shape)
+            if STASH:
+                Y = op.Cast(y, to=OUT)
+            else:
+                Y = op.Identity(y)
+            return Y
+
+    proto = GroupNormalization.to_function_proto()
+    proto.overload = variant.overload
+    # Attributes with the contract's defaults, so a node may omit any of them.
+    del proto.attribute[:]
+    proto.attribute_proto.extend(
+        [
+            onnx.helper.make_attribute("groups", contract.DEFAULT_GROUPS),
+            onnx.helper.make_attribute("axis", contract.DEFAULT_AXIS),
+            onnx.helper.make_attribute("epsilon", contract.DEFAULT_EPSILON),
+        ]
+    )
+    proto.doc_string = (
+        f"Keras GroupNormalization ({variant.overload}); see onnx_groupnorm.ops.functions."
+    )
+    del proto.opset_import[:]
+    proto.opset_import.extend(
+        [onnx.helper.make_opsetid("", opset), onnx.helper.make_opsetid(contract.DOMAIN, contract.VERSION)]
+    )
+    return proto
+
+
+@functools.lru_cache(maxsize=None)
+def _cached(variant: Variant, opset: int) -> bytes:
+    return _build(variant, opset).SerializeToString()
+
+
+def function_proto(variant: Variant, opset: int) -> onnx.FunctionProto:
+    """The FunctionProto of ``variant`` for a model whose default-domain opset is ``opset``."""
+    if opset < contract.MIN_OPSET:
+        raise ValueError(
+            f"our GroupNormalization body needs default-domain opset >= {contract.MIN_OPSET}, "
+            f"the model has {opset}"
+        )
+    proto = onnx.FunctionProto()
+    proto.ParseFromString(_cached(variant, opset))
+    return proto

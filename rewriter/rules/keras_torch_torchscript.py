@@ -1,0 +1,9 @@
+"""Keras + torch through the TorchScript exporter. (Not implemented yet.)"""
+
+from __future__ import annotations
+
+__all__ = ["rules"]
+
+
+def rules() -> list:
+    return []

@@ -1,0 +1,28 @@
+"""Shared test setup: versions in the report header, seeded generators, onnxruntime runner."""
+
+from __future__ import annotations
+
+import importlib.metadata
+
+import pytest
+
+
+def pytest_report_header(config):
+    names = ["onnx", "onnxruntime", "onnxscript", "onnx-ir", "numpy", "ml_dtypes"]
+    found = []
+    for name in names:
+        try:
+            found.append(f"{name} {importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            found.append(f"{name} missing")
+    return "results depend on: " + ", ".join(found)
+
+
+@pytest.fixture
+def rng(request):
+    """A NumPy generator seeded from the test's node id, so each test is reproducible."""
+    import zlib
+
+    import numpy as np
+
+    return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))

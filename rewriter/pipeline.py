@@ -20,6 +20,7 @@ Steps, in order:
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Iterable
 
@@ -268,6 +269,12 @@ def fuse(
             seen.add(node)
             report.skipped.append(Skipped(rule=rule, node=node.name or "", reason=reason))
 
+    if not report.fused and is_proto:
+        # Nothing rewritten: hand back the input itself, byte for byte.
+        proto = copy.deepcopy(original)
+        if verify:
+            report.verification = verify_module.verify(original, proto, seed=seed)
+        return proto, report
     proto = ir.to_proto(ir_model)
     _keep_value_info(proto, _value_info_names(original))
     attach_functions(proto)

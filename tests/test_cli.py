@@ -1,10 +1,26 @@
-"""The command line, in-process."""
+"""The command line, in-process: exit codes, messages that name the file, the report."""
 
 from __future__ import annotations
 
+import json
+import os
+import pathlib
+
+import onnx
 import pytest
+from helpers import keras_dynamo_group_norm, single_model
 
 from onnx_groupnorm import __version__, cli
+
+SHAPE = (2, 6, 6, 16)
+
+
+@pytest.fixture
+def model_path(tmp_path) -> pathlib.Path:
+    nodes, _ = keras_dynamo_group_norm("x", "y", SHAPE, 4)
+    path = tmp_path / "in.onnx"
+    onnx.save(single_model(nodes, SHAPE), path)
+    return path
 
 
 def test_version(capsys):
@@ -18,4 +34,140 @@ def test_help(capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["--help"])
     assert exit_info.value.code == 0
-    assert "usage: onnx-groupnorm" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "usage: onnx-groupnorm" in out and "fuse" in out and "inspect" in out
+
+
+def test_no_command_is_a_usage_error(capsys):
+    assert cli.main([]) == cli.EXIT_BAD_INPUT
+
+
+def test_fuse_verify_report(model_path, tmp_path, capsys):
+    out, report = tmp_path / "out.onnx", tmp_path / "report.json"
+    before = model_path.read_bytes()
+    code = cli.main(["fuse", str(model_path), "-o", str(out), "--verify", "--report", str(report)])
+    text = capsys.readouterr().out
+    assert code == cli.EXIT_OK
+    assert "fused 1 GroupNormalization layer(s) (1 by KerasTorchDynamoGroupNormFusion)" in text
+    assert "verification passed" in text
+    assert model_path.read_bytes() == before
+    onnx.checker.check_model(onnx.load(out), full_check=True)
+    data = json.loads(report.read_text())
+    (layer,) = data["fused"]
+    assert {k: layer[k] for k in ("rule", "groups", "axis", "center", "scale", "channels")} == {
+        "rule": "KerasTorchDynamoGroupNormFusion", "groups": 4, "axis": -1, "center": True, "scale": True, "channels": 16,
+    }
+    assert layer["epsilon"] == pytest.approx(1e-3)
+    assert data["skipped"] == [] and data["verification"]["passed"] is True
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary files left behind"
+
+
+def test_nothing_to_fuse_is_success(tmp_path, capsys):
+    path = tmp_path / "relu.onnx"
+    onnx.save(single_model([onnx.helper.make_node("Relu", ["x"], ["y"])], SHAPE), path)
+    assert cli.main(["fuse", str(path), "-o", str(tmp_path / "o.onnx")]) == cli.EXIT_OK
+    assert "fused no GroupNormalization layer" in capsys.readouterr().out
+
+
+def test_skipped_reason_in_report(tmp_path, capsys):
+    nodes, _ = keras_dynamo_group_norm("x", "y", SHAPE, 4)
+    eps = next(n for n in nodes if n.output[0] == "gn_eps")
+    eps.attribute[0].t.CopyFrom(onnx.numpy_helper.from_array(__import__("numpy").full(2, 1e-3, "float32"), "gn_eps"))
+    path = tmp_path / "in.onnx"
+    onnx.save(single_model(nodes, SHAPE), path)
+    report = tmp_path / "r.json"
+    assert cli.main(["fuse", str(path), "-o", str(tmp_path / "o.onnx"), "--report", str(report)]) == cli.EXIT_OK
+    (skip,) = json.loads(report.read_text())["skipped"]
+    assert skip["node"] == "gn_out_reshape" and skip["reason"] == "epsilon is not a non-negative scalar constant"
+    assert "skipped gn_out_reshape" in capsys.readouterr().out
+
+
+def test_inspect(model_path, capsys):
+    assert cli.main(["inspect", str(model_path)]) == cli.EXIT_OK
+    out = capsys.readouterr().out
+    assert "1 GroupNormalization candidate(s) would fuse" in out and "groups=4" in out
+    assert cli.main(["inspect", str(model_path), "--json"]) == cli.EXIT_OK
+    assert json.loads(capsys.readouterr().out)["would_fuse"][0]["groups"] == 4
+
+
+def test_verification_failure_exits_1_and_writes_nothing(model_path, tmp_path, monkeypatch, capsys):
+    from onnx_groupnorm.rewriter import verify as verify_module
+
+    monkeypatch.setitem(verify_module.VERIFY_TOLERANCES, "float32", verify_module.Tolerance(rtol=0.0, atol=1e-30))
+    out = tmp_path / "out.onnx"
+    assert cli.main(["fuse", str(model_path), "-o", str(out), "--verify"]) == cli.EXIT_VERIFY_FAILED
+    assert not out.exists()
+    assert "differs from the original" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "case,message",
+    [
+        ("missing", "no such file"),
+        ("not_onnx", "not an ONNX model"),
+        ("truncated", "not an ONNX model"),
+        ("empty", "not an ONNX model"),
+        ("directory", "is a directory"),
+        ("same_path", "the output path is the input file"),
+        ("missing_dir", "does not exist"),
+        ("output_is_dir", "is a directory"),
+    ],
+)
+def test_bad_input_exits_2_naming_the_file(case, message, model_path, tmp_path, capsys):
+    src, out = model_path, tmp_path / "out.onnx"
+    if case == "missing":
+        src = tmp_path / "nope.onnx"
+    elif case == "not_onnx":
+        src = tmp_path / "notes.onnx"
+        src.write_text("this is not a model\n" * 10)
+    elif case == "truncated":
+        src = tmp_path / "truncated.onnx"
+        src.write_bytes(model_path.read_bytes()[: model_path.stat().st_size // 2])
+    elif case == "empty":
+        src = tmp_path / "empty.onnx"
+        src.write_bytes(b"")
+    elif case == "directory":
+        src = tmp_path
+    elif case == "same_path":
+        out = model_path
+    elif case == "missing_dir":
+        out = tmp_path / "no" / "such" / "dir" / "out.onnx"
+    elif case == "output_is_dir":
+        out = tmp_path
+    before = model_path.read_bytes()
+    code = cli.main(["fuse", str(src), "-o", str(out)])
+    err = capsys.readouterr().err
+    assert code == cli.EXIT_BAD_INPUT
+    assert message in err
+    named = out if case in ("same_path", "missing_dir", "output_is_dir") else src
+    assert str(named) in err
+    assert model_path.read_bytes() == before
+
+
+def test_unwritable_directory(model_path, tmp_path, capsys):
+    if os.geteuid() == 0:
+        # root writes anywhere; a path through a regular file is unwritable for everyone
+        out = model_path / "out.onnx"
+    else:
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        out = locked / "out.onnx"
+    assert cli.main(["fuse", str(model_path), "-o", str(out)]) == cli.EXIT_BAD_INPUT
+    assert str(out) in capsys.readouterr().err
+
+
+def test_external_data_is_read_and_written(tmp_path, capsys):
+    nodes, params = keras_dynamo_group_norm("x", "y", SHAPE, 4)
+    model = single_model(nodes + [onnx.helper.make_node("Add", ["y", "big"], ["z"])], SHAPE, y="z")
+    model.graph.initializer.append(onnx.numpy_helper.from_array(__import__("numpy").ones(SHAPE, "float32"), "big"))
+    path = tmp_path / "ext.onnx"
+    onnx.save(model, path, save_as_external_data=True, location="ext.onnx.data", size_threshold=16)
+    out = tmp_path / "fused.onnx"
+    assert cli.main(["fuse", str(path), "-o", str(out), "--verify"]) == cli.EXIT_OK
+    fused = onnx.load(out)
+    assert onnx.numpy_helper.to_array(next(i for i in fused.graph.initializer if i.name == "big")).sum() == 2 * 6 * 6 * 16
+
+
+def test_unknown_target(model_path, tmp_path, capsys):
+    assert cli.main(["fuse", str(model_path), "-o", str(tmp_path / "o.onnx"), "--target", "tpu"]) == cli.EXIT_BAD_INPUT
+    assert "unknown --target 'tpu'" in capsys.readouterr().err

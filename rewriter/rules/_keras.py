@@ -62,15 +62,24 @@ class KerasGroupNormFusionBase(GroupNormFusionBase):
             shift = commuted(op.Add, shift, beta)
         return commuted(op.Add, commuted(op.Mul, xs, inv), shift)
 
+    def statistics_input(self, op, xg):
+        """The grouped tensor the statistics and the affine read (Keras 3.15 casts it to
+        float32 for float16 inputs; a no-op Cast elsewhere)."""
+        return optional_cast(op, xg, "cast_in")
+
+    def affine_input(self, op, xg, xs):
+        """The tensor that is multiplied by ``inv``: the statistics input by default."""
+        return xs
+
     def pattern(self, op, x, group_shape, out_shape, epsilon, gamma, beta):
         xg = op.Reshape(x, group_shape, _outputs=["xg"])
-        xs = optional_cast(op, xg, "cast_in")
+        xs = self.statistics_input(op, xg)
         mean, variance = self.moments(op, xs)
         inv = self.rsqrt(op, variance, epsilon)
         if self.scale:
             inv = commuted(op.Mul, inv, gamma)
-        yg = optional_cast(op, self.combine(op, xs, mean, inv, beta), "cast_out")
-        return op.Reshape(yg, out_shape, _outputs=["y"])
+        yg = self.combine(op, self.affine_input(op, xg, xs), mean, inv, beta)
+        return op.Reshape(optional_cast(op, yg, "cast_out"), out_shape, _outputs=["y"])
 
     # -- check -----------------------------------------------------------------------
     def check_moments(self, context, grouping: _match.Grouping, **bindings) -> str | None:

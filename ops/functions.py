@@ -50,6 +50,9 @@ LAYOUTS = ("cf", "nd")
 
 _CUSTOM_OPSET = Opset(contract.DOMAIN, contract.VERSION)
 
+#: At most about this many elements (cf) or rows (nd) per group estimate the shift.
+_SHIFT_SAMPLES = 256
+
 _STASHED = (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
 _SUPPORTED_DTYPES = (*_STASHED, onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE)
 
@@ -113,6 +116,7 @@ def _build(variant: Variant, opset: int) -> onnx.FunctionProto:
     NO_AFFINE = not AFFINE
     R18 = opset >= 18  # ReduceSumSquare/ReduceMean take axes as an input from opset 18
     R13 = not R18
+    SAMPLES = _SHIFT_SAMPLES
     op = op18 if R18 else op13
 
     if variant.layout == "cf":
@@ -128,11 +132,17 @@ def _build(variant: Variant, opset: int) -> onnx.FunctionProto:
             g1 = op.Unsqueeze(op.Constant(value_int=groups), op.Constant(value_ints=[0]))
             num_groups = op.Where(op.Less(g1, op.Constant(value_ints=[1])), channels, g1)
             x3 = op.Reshape(x, op.Concat(op.Constant(value_ints=[0]), num_groups, op.Constant(value_ints=[-1]), axis=0))
-            # A first mean, subtracted so the statistics below see small deviations.
+            # A shift near each group's mean, from an evenly strided sample of at most
+            # ~SAMPLES elements (cheap); subtracting it lets the statistics below see
+            # small deviations. Any shift within a few std of the mean keeps full precision.
+            two = op.Constant(value_ints=[2])
+            length = op.Slice(op.Shape(x3), two, op.Constant(value_ints=[3]))
+            step = op.Max(op.Div(length, op.Constant(value_ints=[SAMPLES])), op.Constant(value_ints=[1]))
+            sample = op.Slice(x3, op.Constant(value_ints=[0]), length, two, step)
             if R18:
-                m = op.ReduceMean(x3, op.Constant(value_ints=[2]), keepdims=1)
+                m = op.ReduceMean(sample, two, keepdims=1)
             if R13:
-                m = op.ReduceMean(x3, axes=[2], keepdims=1)
+                m = op.ReduceMean(sample, axes=[2], keepdims=1)
             d = op.Sub(x3, m)
             ones_g = op.ConstantOfShape(num_groups, value=onnx.helper.make_tensor("one", onnx.TensorProto.FLOAT, [1], [1.0]))
             zeros_g = op.ConstantOfShape(num_groups, value=onnx.helper.make_tensor("zero", onnx.TensorProto.FLOAT, [1], [0.0]))
@@ -177,17 +187,31 @@ def _build(variant: Variant, opset: int) -> onnx.FunctionProto:
             one = op.Constant(value_ints=[1])
             before = op.ReduceProd(op.Concat(one, op.Slice(shape, one, ax), axis=0), keepdims=1)
             after = op.ReduceProd(op.Concat(one, op.Slice(shape, op.Add(ax, one), rank), axis=0), keepdims=1)
-            x5 = op.Reshape(x, op.Concat(op.Slice(shape, op.Constant(value_ints=[0]), one), before, num_groups, per_group, after, axis=0))
+            batch = op.Slice(shape, op.Constant(value_ints=[0]), one)
+            view = op.Concat(batch, before, num_groups, per_group, after, axis=0)
+            x5 = op.Reshape(x, view)
             count = op.Cast(op.Mul(op.Mul(before, per_group), after), to=COMPUTE)
             inner = op.Constant(value_ints=[3, 4])
+            # Per-(sample, channel) values are broadcast in X's own layout, [N, 1.., C, 1..]:
+            # a row broadcast is fast in onnxruntime, [N, 1, G, 1, 1] against [N, A, G, C/G, B]
+            # is not, and computing in X's shape spares a copying Reshape at the end.
+            ones = op.ConstantOfShape(rank, value=onnx.helper.make_tensor("one", onnx.TensorProto.INT64, [1], [1]))
+            param_shape = op.Concat(batch, op.Slice(ones, one, ax), channels, op.Slice(ones, op.Add(ax, one), rank), axis=0)
+            per_channel = op.Concat(batch, one, num_groups, per_group, one, axis=0)
+            # A shift near each group's mean from an evenly strided sample of the A axis
+            # (cheap), as in the cf body; then the statistics of the deviations.
+            rows = op.Max(op.Div(before, op.Constant(value_ints=[SAMPLES])), one)
+            sample = op.Slice(x5, op.Constant(value_ints=[0]), before, one, rows)
+            sample_count = op.Cast(op.ReduceProd(op.Gather(op.Shape(sample), op.Constant(value_ints=[1, 3, 4])), keepdims=1), to=COMPUTE)
+            m5 = op.Div(op.ReduceSum(op.ReduceSum(sample, inner, keepdims=1), one, keepdims=1), sample_count)
             # Reduce [3, 4] then [1]: two fast reduce kernels instead of one slow strided one.
-            m = op.Div(op.ReduceSum(op.ReduceSum(x5, inner, keepdims=1), one, keepdims=1), count)
-            d = op.Sub(x5, m)
-            s1 = op.ReduceSum(op.ReduceSum(d, inner, keepdims=1), one, keepdims=1)
+            d = op.Sub(x, op.Reshape(op.Expand(m5, per_channel), param_shape))
+            d5 = op.Reshape(d, view)
+            s1 = op.ReduceSum(op.ReduceSum(d5, inner, keepdims=1), one, keepdims=1)
             if R18:
-                sq = op.ReduceSumSquare(d, inner, keepdims=1)
+                sq = op.ReduceSumSquare(d5, inner, keepdims=1)
             if R13:
-                sq = op.ReduceSumSquare(d, axes=[3, 4], keepdims=1)
+                sq = op.ReduceSumSquare(d5, axes=[3, 4], keepdims=1)
             s2 = op.ReduceSum(sq, one, keepdims=1)
             md = op.Div(s1, count)
             var = op.Sub(op.Div(s2, count), op.Mul(md, md))
@@ -195,14 +219,16 @@ def _build(variant: Variant, opset: int) -> onnx.FunctionProto:
             inv = op.Reciprocal(op.Sqrt(op.Add(var, eps)))
             affine_shape = op.Concat(op.Constant(value_ints=[1, 1]), num_groups, per_group, one, axis=0)
             if SCALE:
-                a = op.Mul(inv, op.Reshape(op.Cast(gamma, to=COMPUTE), affine_shape))
+                a5 = op.Mul(inv, op.Reshape(op.Cast(gamma, to=COMPUTE), affine_shape))
             else:
-                a = op.Identity(inv)
+                a5 = op.Identity(inv)
             if CENTER:
-                b = op.Sub(op.Reshape(op.Cast(beta, to=COMPUTE), affine_shape), op.Mul(md, a))
+                b5 = op.Sub(op.Reshape(op.Cast(beta, to=COMPUTE), affine_shape), op.Mul(md, a5))
             else:
-                b = op.Neg(op.Mul(md, a))
-            y = op.Reshape(op.Add(op.Mul(d, a), b), shape)
+                b5 = op.Neg(op.Mul(md, a5))
+            a = op.Reshape(op.Expand(a5, per_channel), param_shape)
+            b = op.Reshape(op.Expand(b5, per_channel), param_shape)
+            y = op.Add(op.Mul(d, a), b)
             if STASH:
                 Y = op.Cast(y, to=OUT)
             else:

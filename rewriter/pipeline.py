@@ -258,11 +258,11 @@ def fuse(
     count = rule_set.apply_to_model(ir_model)
     logger.info("%d GroupNormalization subgraph(s) fused", count)
     snapshot.remove_new_dead_code(ir_model)
-    snapshot.restore(ir_model)
-
     alive = {n for g in _graph_likes(ir_model) for n in g}
+    # Read the fused layers while inferred shapes are still on the values.
     report.fused = [_fused_layer(n) for n in alive if _ours(n) and n not in before]
     report.fused.sort(key=lambda f: f.node)
+    snapshot.restore(ir_model)
     seen = set()
     for rule, node, reason in recorder.failures:
         if node in alive and node not in seen:

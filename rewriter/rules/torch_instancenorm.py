@@ -135,9 +135,8 @@ class TorchInstanceNormGroupNormFusion(GroupNormFusionBase):
         if len(uses) != 1 or value.is_graph_output():
             return None
         node = uses[0].node
-        wanted = [] if self.scale else ["Mul"]
-        if not self.center:
-            wanted.append("Add")
+        # Mul comes before Add: after a Mul only an Add can still be taken; after an Add nothing.
+        wanted = [] if self.center else ["Add"] if self.scale else ["Mul", "Add"]
         if node.op_type not in wanted or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
             return None
         other = node.inputs[1 - uses[0].idx]

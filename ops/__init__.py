@@ -3,6 +3,8 @@ reference of Keras' layer, and builders."""
 
 from .builder import attach_functions, make_model, make_node
 from .contract import (
+    ACTIVATION_NONE,
+    ACTIVATION_SILU,
     DEFAULT_AXIS,
     DEFAULT_EPSILON,
     DEFAULT_GROUPS,
@@ -23,6 +25,8 @@ __all__ = [
     "DEFAULT_GROUPS",
     "DEFAULT_AXIS",
     "DEFAULT_EPSILON",
+    "ACTIVATION_NONE",
+    "ACTIVATION_SILU",
     "GroupNormConfig",
     "Variant",
     "variant_for",

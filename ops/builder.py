@@ -24,12 +24,14 @@ def make_node(
     groups: int,
     axis: int,
     epsilon: float,
+    activation: int = contract.ACTIVATION_NONE,
     name: str = "",
 ) -> onnx.NodeProto:
     """One node of our op; ``inputs`` is ``[X, gamma or "", beta or ""]`` (trailing "" dropped)."""
     inputs = list(inputs)
     while len(inputs) > 1 and not inputs[-1]:
         inputs.pop()
+    extra = {"activation": int(activation)} if activation else {}
     node = onnx.helper.make_node(
         contract.OP_TYPE,
         inputs,
@@ -39,6 +41,7 @@ def make_node(
         groups=int(groups),
         axis=int(axis),
         epsilon=float(epsilon),
+        **extra,
     )
     node.overload = variant.overload
     return node
@@ -155,19 +158,21 @@ def make_model(
     gamma: np.ndarray | None = None,
     beta: np.ndarray | None = None,
     opset: int = 21,
+    activation: int = contract.ACTIVATION_NONE,
 ) -> onnx.ModelProto:
     """A model with one node of our op: input ``X``, output ``Y``, gamma/beta initializers.
 
     ``input_shape`` entries may be ints, None or strings (symbolic); the channel dimension
     must be an int. ``gamma``/``beta`` default to Keras' initial ones/zeros when ``scale``/
     ``center`` are on; they are stored in their own float dtype (default: ``dtype``).
+    ``activation=1`` applies SiLU to the output.
     Raises ValueError for an invalid configuration.
     """
     config = contract.GroupNormConfig(groups, axis, epsilon, center, scale)
     norm_axis, channels, _ = config.validate(list(input_shape))
     np_dtype = np.dtype(dtype)
     elem_type = onnx.helper.np_dtype_to_tensor_dtype(np_dtype)
-    variant = variant_for(len(input_shape), norm_axis, elem_type, scale, center)
+    variant = variant_for(len(input_shape), norm_axis, elem_type, scale, center, activation)
     params = {}
     for name, on, value, default in (("gamma", scale, gamma, np.ones), ("beta", center, beta, np.zeros)):
         if not on:
@@ -187,6 +192,7 @@ def make_model(
         groups=groups,
         axis=axis,
         epsilon=epsilon,
+        activation=activation,
         name="GroupNormalization",
     )
     shape = [_dim(d, i) for i, d in enumerate(input_shape)]

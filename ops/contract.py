@@ -19,6 +19,9 @@ __all__ = [
     "DEFAULT_GROUPS",
     "DEFAULT_AXIS",
     "DEFAULT_EPSILON",
+    "ACTIVATION_NONE",
+    "ACTIVATION_SILU",
+    "ACTIVATIONS",
     "GroupNormConfig",
 ]
 
@@ -36,6 +39,12 @@ MIN_OPSET = 13
 DEFAULT_GROUPS = 32
 DEFAULT_AXIS = -1
 DEFAULT_EPSILON = 1e-3
+
+#: The ``activation`` attribute (an extension over Keras, as in onnxruntime's contrib
+#: GroupNorm): 0 none, 1 SiLU/swish ``y * sigmoid(y)`` applied to the normalised output.
+ACTIVATION_NONE = 0
+ACTIVATION_SILU = 1
+ACTIVATIONS = frozenset({ACTIVATION_NONE, ACTIVATION_SILU})
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,6 +22,8 @@ specialise the body when we attach it, and tell the bodies apart with the ONNX f
     after it), reduce over ``[3, 4]`` then ``[1]`` (each reduction is one of onnxruntime's
     fast reduce patterns, unlike one reduce over the three axes), and apply the statistics
     and gamma/beta folded into one per-channel scale and shift.
+* **activation** (``activation=1``): a following SiLU/swish ``y * sigmoid(y)`` absorbed
+  into the op (computed in the statistics' precision before the final cast).
 * **dtype**: float16 and bfloat16 inputs are computed in float32 and cast back (Keras 3 and
   ONNX ``stash_type=1`` do the same); float32 in float32; float64 in float64 (``nd`` body,
   since onnxruntime's InstanceNormalization has no float64 kernel).
@@ -58,11 +60,11 @@ _SUPPORTED_DTYPES = (*_STASHED, onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE)
 
 
 class Variant(tuple):
-    """Which body a node needs: ``(layout, dtype, scale, center)``; ``overload`` names it."""
+    """Which body a node needs: ``(layout, dtype, scale, center, silu)``; ``overload`` names it."""
 
     __slots__ = ()
 
-    def __new__(cls, layout: str, dtype: int, scale: bool, center: bool):
+    def __new__(cls, layout: str, dtype: int, scale: bool, center: bool, silu: bool = False):
         if layout not in LAYOUTS:
             raise ValueError(f"unknown layout {layout!r}")
         if dtype not in _SUPPORTED_DTYPES:
@@ -70,38 +72,44 @@ class Variant(tuple):
                 f"GroupNormalization supports float16, bfloat16, float32 and float64 inputs, "
                 f"got {onnx.TensorProto.DataType.Name(dtype)}"
             )
-        return super().__new__(cls, (layout, int(dtype), bool(scale), bool(center)))
+        return super().__new__(cls, (layout, int(dtype), bool(scale), bool(center), bool(silu)))
 
     layout = property(lambda self: self[0])
     dtype = property(lambda self: self[1])
     scale = property(lambda self: self[2])
     center = property(lambda self: self[3])
+    silu = property(lambda self: self[4])
 
     @property
     def overload(self) -> str:
         dtype = onnx.TensorProto.DataType.Name(self.dtype).lower()
         affine = ("g" if self.scale else "") + ("b" if self.center else "")
-        return f"{self.layout}_{dtype}_{affine or 'plain'}"
+        return f"{self.layout}_{dtype}_{affine or 'plain'}" + ("_silu" if self.silu else "")
 
     @classmethod
     def from_overload(cls, overload: str) -> Variant:
         """Inverse of :attr:`overload`; ValueError for a name we did not make."""
         try:
-            layout, dtype, affine = overload.split("_")
+            layout, dtype, affine, *rest = overload.split("_")
+            if rest not in ([], ["silu"]):
+                raise ValueError(overload)
             return cls(
                 layout,
                 onnx.TensorProto.DataType.Value(dtype.upper()),
                 "g" in affine,
                 "b" in affine,
+                rest == ["silu"],
             )
         except ValueError as e:
             raise ValueError(f"{overload!r} is not an overload of our GroupNormalization") from e
 
 
-def variant_for(rank: int, axis: int, dtype: int, scale: bool, center: bool) -> Variant:
+def variant_for(rank: int, axis: int, dtype: int, scale: bool, center: bool, activation: int = 0) -> Variant:
     """The body for an input of ``rank`` with the channel on ``axis`` (may be negative)."""
+    if activation not in contract.ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(contract.ACTIVATIONS)} (0 none, 1 SiLU), got {activation}")
     layout = "cf" if axis % rank == 1 and dtype != onnx.TensorProto.DOUBLE else "nd"
-    return Variant(layout, dtype, scale, center)
+    return Variant(layout, dtype, scale, center, activation == contract.ACTIVATION_SILU)
 
 
 def _build(variant: Variant, opset: int) -> onnx.FunctionProto:
@@ -114,6 +122,7 @@ def _build(variant: Variant, opset: int) -> onnx.FunctionProto:
     CENTER = variant.center
     AFFINE = variant.scale or variant.center
     NO_AFFINE = not AFFINE
+    SILU = variant.silu
     R18 = opset >= 18  # ReduceSumSquare/ReduceMean take axes as an input from opset 18
     R13 = not R18
     SAMPLES = _SHIFT_SAMPLES
@@ -162,6 +171,8 @@ def _build(variant: Variant, opset: int) -> onnx.FunctionProto:
                 y = op.BatchNormalization(n, gam, bet, zeros_c, ones_c, epsilon=0.0)
             if NO_AFFINE:
                 y = op.Identity(n)
+            if SILU:
+                y = op.Mul(y, op.Sigmoid(y))
             if STASH:
                 Y = op.Cast(y, to=OUT)
             else:
@@ -229,6 +240,8 @@ def _build(variant: Variant, opset: int) -> onnx.FunctionProto:
             a = op.Reshape(op.Expand(a5, per_channel), param_shape)
             b = op.Reshape(op.Expand(b5, per_channel), param_shape)
             y = op.Add(op.Mul(d, a), b)
+            if SILU:
+                y = op.Mul(y, op.Sigmoid(y))
             if STASH:
                 Y = op.Cast(y, to=OUT)
             else:
@@ -244,6 +257,7 @@ def _build(variant: Variant, opset: int) -> onnx.FunctionProto:
             onnx.helper.make_attribute("groups", contract.DEFAULT_GROUPS),
             onnx.helper.make_attribute("axis", contract.DEFAULT_AXIS),
             onnx.helper.make_attribute("epsilon", contract.DEFAULT_EPSILON),
+            onnx.helper.make_attribute("activation", contract.ACTIVATION_NONE),
         ]
     )
     proto.doc_string = (

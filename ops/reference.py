@@ -34,8 +34,13 @@ def group_normalization(
     groups: int = contract.DEFAULT_GROUPS,
     axis: int = contract.DEFAULT_AXIS,
     epsilon: float = contract.DEFAULT_EPSILON,
+    activation: int = contract.ACTIVATION_NONE,
 ) -> np.ndarray:
-    """Keras GroupNormalization of ``x``; ``gamma``/``beta`` None means scale/center off."""
+    """Keras GroupNormalization of ``x``; ``gamma``/``beta`` None means scale/center off.
+
+    ``activation=1`` applies SiLU ``y * sigmoid(y)`` (Keras' ``swish``) to the result, in the
+    statistics' precision before the cast back, as our op's ``activation`` attribute does.
+    """
     x = np.asarray(x)
     config = contract.GroupNormConfig(
         groups=groups, axis=axis, epsilon=epsilon, center=beta is not None, scale=gamma is not None
@@ -68,4 +73,8 @@ def group_normalization(
     if beta is not None:
         res = res + np.asarray(beta).astype(compute).reshape(broadcast_shape)
     y_g = x_g * inv + res
+    if activation == contract.ACTIVATION_SILU:
+        y_g = y_g / (1 + np.exp(-y_g))
+    elif activation != contract.ACTIVATION_NONE:
+        raise NotImplementedError(f"activation {activation}")
     return y_g.astype(x.dtype).reshape(x.shape)

@@ -28,18 +28,20 @@ import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 from onnxscript import optimizer
-from onnxscript.rewriter import RULE_NAME_TAG, MatchingTracer, MatchStatus
+from onnxscript.rewriter import RULE_NAME_TAG, MatchingTracer, MatchStatus, pattern
 
 from ..ops import attach_functions, contract
 from . import rules as rules_module
+from . import targets as targets_module
 from . import verify as verify_module
+from .rules import activation as activation_rules
 from .report import FusedLayer, FuseReport, Skipped
 
 __all__ = ["fuse", "TARGETS"]
 
-logger = logging.getLogger(__name__)
+TARGETS = targets_module.TARGETS
 
-TARGETS = ("function",)
+logger = logging.getLogger(__name__)
 
 
 class _SkipRecorder(MatchingTracer):
@@ -206,6 +208,7 @@ def _fused_layer(node: ir.Node) -> FusedLayer:
         scale=inputs[1] is not None,
         channels=int(channels) if isinstance(channels, int) else -1,
         overload=node.overload,
+        activation=int(attrs.get("activation", 0)),
     )
 
 
@@ -215,6 +218,7 @@ def fuse(
     verify: bool = False,
     keep_standard: bool = False,
     target: str = "function",
+    absorb_activation: bool | None = None,
     source: str = "",
     seed: int = 0,
 ) -> tuple[onnx.ModelProto | ir.Model, FuseReport]:
@@ -223,6 +227,8 @@ def fuse(
     A ModelProto is not modified (a new one is returned); an ``onnx_ir.Model`` is rewritten
     in place and returned. ``verify`` runs both models in onnxruntime and records the
     comparison in the report (it does not raise: check ``report.verification.passed``).
+    ``target`` picks the deployment form (:mod:`.targets`); ``absorb_activation`` folds a
+    following SiLU into the op (default: only for targets that gain from it).
     """
     if target not in TARGETS:
         raise ValueError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
@@ -257,6 +263,11 @@ def fuse(
     before = {n for g in _graph_likes(ir_model) for n in g if _ours(n)}
     count = rule_set.apply_to_model(ir_model)
     logger.info("%d GroupNormalization subgraph(s) fused", count)
+    if absorb_activation is None:
+        absorb_activation = targets_module.absorbs_activation_by_default(target)
+    if absorb_activation:
+        pattern.RewriteRuleSet(activation_rules.rules()).apply_to_model(ir_model)
+    targets_module.lower(ir_model, target, report)
     snapshot.remove_new_dead_code(ir_model)
     alive = {n for g in _graph_likes(ir_model) for n in g}
     # Read the fused layers while inferred shapes are still on the values.

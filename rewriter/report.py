@@ -20,6 +20,7 @@ class FusedLayer:
     scale: bool
     channels: int
     overload: str
+    activation: int = 0  # 1 = a following SiLU was absorbed
 
 
 @dataclasses.dataclass

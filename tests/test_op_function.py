@@ -181,13 +181,27 @@ def test_disabled_affine_costs_nothing(scale, center):
             assert not any(n.op_type == "BatchNormalization" for n in body.node)
 
 
+@pytest.mark.parametrize("shape,axis,groups", [((2, 6, 6, 16), -1, 4), ((2, 16, 6, 6), 1, 4), ((2, 5, 12, 4), 2, 3)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=lambda d: np.dtype(d).name)
+def test_silu_activation(rng, shape, axis, groups, dtype):
+    x, gamma, beta = _case(rng, shape, axis, groups, dtype, True, True)
+    model = ops.make_model(shape, groups=groups, axis=axis, dtype=dtype, gamma=gamma, beta=beta, activation=ops.ACTIVATION_SILU)
+    onnx.checker.check_model(model, full_check=True)
+    assert {a.name: a.i for a in model.graph.node[0].attribute if a.name == "activation"} == {"activation": 1}
+    (actual,) = run_ort(model, x)
+    expected = _exact(x, gamma, beta, groups=groups, axis=axis, activation=ops.ACTIVATION_SILU)
+    _assert_close(actual, expected, dtype)
+    plain = _exact(x, gamma, beta, groups=groups, axis=axis).astype(np.float64)
+    np.testing.assert_allclose(expected.astype(np.float64), plain / (1 + np.exp(-plain)), rtol=1e-2, atol=1e-2)
+
+
 def test_variant_overload_round_trip():
     for layout, dtype, scale, center in itertools.product(
         ops.functions.LAYOUTS,
         [onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE],
         [True, False], [True, False],
     ):
-        v = ops.Variant(layout, dtype, scale, center)
+        v = ops.Variant(layout, dtype, scale, center, silu=scale and not center)
         assert ops.Variant.from_overload(v.overload) == v
     with pytest.raises(ValueError, match="not an overload"):
         ops.Variant.from_overload("something_else")

@@ -167,7 +167,7 @@ def vae_encoder(hw=(16, 16)):
 
 def vae_decoder(hw=(None, None)):
     vae = vae_backbone()
-    i = keras.Input((*hw, 4), name="latents")
+    i = keras.Input((*hw, 2), name="latents")  # sampler 'mode' keeps sample_channels // 2 = 2 latent channels
     return keras.Model(i, vae.decoder(i))
 
 
@@ -259,9 +259,11 @@ spec("keras_tf_fromkeras_nhwc_r4_g8_mixed_float16", lambda: conv_gn((8, 8, 8), 1
      notes="mixed_float16 policy (f32 variables, f16 compute): Conv2D -> GroupNormalization(groups=8) computed in f32 "
            "by Keras 3.15; output float16; from_keras opset 17.")
 spec("keras_tf_fromkeras_ncdhw_r5_g4_axis1_input_opset13",
-     lambda: only_gn((8, 3, 4, 4), 4, dict(axis=1, epsilon=1e-5)), (2, 8, 3, 4, 4), F, opset=13,
+     lambda: only_gn((8, 3, 4, 4), 4, dict(axis=1, epsilon=1e-5)), (2, 8, 3, 4, 4), F, opset=13, expect_fail=True,
      notes="GroupNormalization(groups=4, axis=1, eps=1e-5) directly on a rank-5 channels_first input [N,8,3,4,4]; "
-           "from_keras opset 13.")
+           "from_keras opset 13. The export itself succeeds, but tf2onnx rewrites the moments of the rank-6 grouped "
+           "tensor [-1,4,2,3,4,4] into GlobalAveragePool over 4 spatial dims, which onnxruntime CPU refuses "
+           "('Unsupported pooling size'), so the model cannot be checked against Keras and is not kept.")
 spec("keras_tf_fromkeras_nhwc_r4_g2_dynhw_opset18", lambda: conv_gn((None, None, 8), 16, 2, dict(epsilon=1e-5)),
      (2, 8, 8, 8), F, signature="keras", opset=18, extra_shapes=[(1, 6, 12, 8)],
      notes="Input((None,None,8)) -> Conv2D -> GroupNormalization(groups=2, eps=1e-5); signature [None,None,None,8], "
@@ -282,10 +284,10 @@ spec("keras_tf_fromkeras_nhwc_r4_resblock_g8_initial", lambda: resblock((8, 8, 3
      initial=True, opset=17,
      notes="resnet block Conv-GN(8,eps=1e-6)-swish-Conv-GN-swish + identity residual Add (C=32 in and out); both GNs "
            "at initial weights (beta Add folded away), Convs random; from_keras opset 17.")
-spec("keras_tf_fromkeras_keras_hub_vae_decoder_dynhw", lambda: vae_decoder((None, None)), (1, 8, 8, 4), F,
-     signature="keras", opset=17, extra_shapes=[(2, 4, 6, 4)],
+spec("keras_tf_fromkeras_keras_hub_vae_decoder_dynhw", lambda: vae_decoder((None, None)), (1, 8, 8, 2), F,
+     signature="keras", opset=17, extra_shapes=[(2, 4, 6, 2)],
      notes="keras_hub 0.32 VAEBackbone(encoder [32]/[1], decoder_num_filters=[32], decoder_num_blocks=[1], "
-           "sample_channels=4).decoder on Input((None,None,4)): dynamic batch/H/W, GroupNormalization(groups=32, "
+           "sample_channels=4).decoder on Input((None,None,2)) (2 latent channels): dynamic batch/H/W, GroupNormalization(groups=32, "
            "eps=1e-6) layers (resnet blocks, mid attention, output norm), Conv weights random seeded, GN gamma/beta "
            "random; from_keras opset 17.")
 spec("keras_tf_fromkeras_nhwc_r4_g4_opset21", lambda: conv_gn((8, 8, 8), 16, 4), (2, 8, 8, 8), F, opset=21,

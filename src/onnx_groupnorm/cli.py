@@ -36,7 +36,8 @@ def main_parser() -> argparse.ArgumentParser:
     fuse.add_argument("--verify", action="store_true", help="compare the fused model with the input in onnxruntime (CPU) on seeded random inputs")
     fuse.add_argument("--report", type=pathlib.Path, help="write the report as JSON to this file")
     fuse.add_argument("--keep-standard", action="store_true", help="leave standard ONNX GroupNormalization ops as they are")
-    fuse.add_argument("--target", default="function", help="deployment form (default: function, our op with its function body)")
+    fuse.add_argument("--target", default="function", help="deployment form: function (default: our op with its function body), onnx, ort, ort-gpu (where available)")
+    fuse.add_argument("--absorb-silu", dest="absorb_activation", action="store_true", default=None, help="fold a following SiLU/swish into the op (activation=1)")
     fuse.add_argument("--seed", type=int, default=0, help="seed of the verification inputs (default 0)")
 
     inspect = sub.add_parser("inspect", help="list GroupNormalization candidates and whether each would fuse")
@@ -53,7 +54,14 @@ def _fuse(args) -> int:
     if args.report is not None:
         io.check_output_path(args.report, args.input)
     model = io.load_model(args.input)
-    fused, report = fuse(model, verify=args.verify, keep_standard=args.keep_standard, target=args.target, source=str(args.input))
+    fused, report = fuse(
+        model,
+        verify=args.verify,
+        keep_standard=args.keep_standard,
+        target=args.target,
+        absorb_activation=args.absorb_activation,
+        source=str(args.input),
+    )
     print(report.summary())
     if args.report is not None:
         args.report.write_text(report.to_json() + "\n", encoding="utf-8")

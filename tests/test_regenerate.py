@@ -17,7 +17,7 @@ from corpus import MODELS, manifest
 
 # generator script -> the virtual environment it runs in (models/README.md)
 GENERATORS = {
-    "gen_keras_tf.py": "tfk3",
+    "gen_keras_tf.py": "tf",
     "gen_tf_keras.py": "tfkeras",
     "gen_keras36.py": "keras36",
     "gen_negatives.py": "keras36",

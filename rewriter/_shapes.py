@@ -27,7 +27,7 @@ from collections.abc import Sequence
 import numpy as np
 import onnx_ir as ir
 
-__all__ = ["Sym", "Dim", "dims_of", "int_values", "reshape_dims", "same_dims", "INFER"]
+__all__ = ["Sym", "Dim", "dims_of", "int_values", "reshape_dims", "same_dims", "INFER", "numpy_of", "constant_array"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,12 +157,9 @@ def dims_of(value: ir.Value | None, depth: int = 0) -> list[Dim] | None:
 
 
 def _const_ints(value: ir.Value | None) -> list[int] | None:
-    if value is None:
+    array = numpy_of(value)
+    if array is None:
         return None
-    const = value.const_value
-    if const is None:
-        return None
-    array = const.numpy()
     if array.dtype.kind not in "iu" or array.ndim > 1:
         return None
     return [int(v) for v in array.reshape(-1)]
@@ -277,7 +274,27 @@ def same_dims(actual: Sequence[Dim], expected: Sequence[Dim]) -> bool:
 
 
 def numpy_of(value: ir.Value | None) -> np.ndarray | None:
-    """A constant's value as a NumPy array, or None."""
-    if value is None or value.const_value is None:
+    """A constant's value as a NumPy array, or None.
+
+    An initializer that is also a graph input is not constant: a caller may override it.
+    """
+    if value is None or value.const_value is None or value.is_graph_input():
         return None
     return value.const_value.numpy()
+
+
+def constant_array(value: ir.Value | None) -> np.ndarray | None:
+    """A value known before run time: a constant (see :func:`numpy_of`) or a
+    ``ConstantOfShape`` of a constant shape; else None."""
+    array = numpy_of(value)
+    if array is not None or value is None:
+        return array
+    node = value.producer()
+    if node is None or node.op_type != "ConstantOfShape" or node.domain not in ("", "ai.onnx"):
+        return None
+    shape = numpy_of(node.inputs[0])
+    if shape is None:
+        return None
+    fill = node.attributes.get("value")
+    fill = fill.as_tensor().numpy().reshape(-1) if fill is not None else np.zeros(1, np.float32)
+    return np.full([int(d) for d in shape.reshape(-1)], fill[0], dtype=fill.dtype)

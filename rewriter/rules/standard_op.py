@@ -39,25 +39,6 @@ _FIRST_VERSION = 18  # GroupNormalization-18: per-group scale/bias
 _PER_CHANNEL_VERSION = 21  # GroupNormalization-21: per-channel scale/bias
 
 
-def _constant(value: ir.Value | None) -> np.ndarray | None:
-    """A value known before run time: a constant/initializer (not an overridable graph
-    input) or ``ConstantOfShape`` of a constant shape; else None."""
-    if value is None or value.is_graph_input():
-        return None
-    array = _shapes.numpy_of(value)
-    if array is not None:
-        return array
-    node = value.producer()
-    if node is None or node.op_type != "ConstantOfShape" or node.domain not in ("", "ai.onnx"):
-        return None
-    shape = _shapes.numpy_of(node.inputs[0])
-    if shape is None:
-        return None
-    fill = node.attributes.get("value")
-    fill = fill.as_tensor().numpy().reshape(-1) if fill is not None else np.zeros(1, np.float32)
-    return np.full([int(d) for d in shape.reshape(-1)], fill[0], dtype=fill.dtype)
-
-
 def _opset_version(context, node: ir.Node) -> int | None:
     """The default-domain version of ``node``: its own, else its graph's or function's
     import, else the model's (subgraphs usually import nothing themselves)."""
@@ -78,7 +59,7 @@ class StandardGroupNormFusion(GroupNormFusionBase):
 
     def _affine_input(self, value: ir.Value, what: str, groups: int, channels: int, version: int):
         """A per-channel [C] array or value for our op (None = identity); or a reason."""
-        array = _constant(value)
+        array = _shapes.constant_array(value)
         identity = 1 if what == "scale" else 0
         if array is not None and array.dtype.kind != "f" and array.dtype.name != "bfloat16":
             return None, f"{what} has dtype {array.dtype}, not a float type"

@@ -41,32 +41,13 @@ logger = logging.getLogger(__name__)
 _DEFAULT_IN_EPSILON = 1e-5  # InstanceNormalization's default
 
 
-def _constant(value: ir.Value | None) -> np.ndarray | None:
-    """A value known before run time: a constant/initializer (not an overridable graph
-    input) or ``ConstantOfShape`` of a constant shape; else None."""
-    if value is None or value.is_graph_input():
-        return None
-    array = _shapes.numpy_of(value)
-    if array is not None:
-        return array
-    node = value.producer()
-    if node is None or node.op_type != "ConstantOfShape" or node.domain not in ("", "ai.onnx"):
-        return None
-    shape = _shapes.numpy_of(node.inputs[0])
-    if shape is None:
-        return None
-    fill = node.attributes.get("value")
-    fill = fill.as_tensor().numpy().reshape(-1) if fill is not None else np.zeros(1, np.float32)
-    return np.full([int(d) for d in shape.reshape(-1)], fill[0], dtype=fill.dtype)
-
-
 def _per_channel(value: ir.Value, rank: int, channels: int, what: str) -> tuple[np.ndarray | None, str | None]:
     """A Mul/Add operand broadcast along axis 1 of a rank-``rank`` tensor, as a [C] array.
 
     Accepted shapes, after padding with leading 1s to ``rank``: ``[1, C, 1, ..]`` (one value
     per channel) or all 1s (one value for every channel, e.g. TorchScript's ``[[[1.0]]]``).
     """
-    array = _constant(value)
+    array = _shapes.constant_array(value)
     if array is None:
         return None, f"{what} is not a constant"
     if array.ndim > rank:
@@ -164,7 +145,7 @@ class TorchInstanceNormGroupNormFusion(GroupNormFusionBase):
             return result.fail(f"InstanceNormalization epsilon {epsilon} is negative", normalized)
         group_affine = []
         for what, value in (("InstanceNormalization scale", in_scale), ("InstanceNormalization B", in_bias)):
-            array = _constant(value)
+            array = _shapes.constant_array(value)
             if array is None:
                 return result.fail(f"{what} is not a constant: its per-group affine cannot be folded", value)
             if array.shape != (groups,):

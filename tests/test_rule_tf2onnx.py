@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from keras_graphs import F16, F32, I32, I64, Builder, assert_fused, assert_skipped, keras_group_norm, ours, tf_dynamic_out_target
+from keras_graphs import F16, F32, F64, I32, I64, Builder, assert_fused, assert_skipped, keras_group_norm, ours, tf_dynamic_out_target
 
 from onnx_groupnorm.rewriter import fuse
 
@@ -87,9 +87,32 @@ def test_variants(shape, groups, kwargs, rng):
     assert fused.opset_import[0].version == kwargs.get("opset", 17)
 
 
-@pytest.mark.xfail(strict=True, reason="limitation of _keras.KerasGroupNormFusionBase.rsqrt: Add(variance, epsilon) is not commuted, Add(epsilon, variance) is not matched")
 def test_epsilon_first_in_its_add(rng):
     model, gn = tf_model(("N", 8, 8, 16), 4, swap_eps=True)
+    assert_fused(model, gn, data(rng, ("N", 8, 8, 16)))
+
+
+def test_float64(rng):
+    b = Builder()
+    gn = keras_group_norm(b, "x", ("N", 8, 8, 16), 4, tf_moments(), dtype=np.float64)
+    model = b.model([("x", F64, ["N", 8, 8, 16])], [(gn.y, F64, ["N", 8, 8, 16])])
+    assert_fused(model, gn, rng.normal(0, 1, (2, 8, 8, 16)))
+
+
+def test_keras315_float16_statistics_in_float32(rng):
+    """Keras 3.15 float16: Cast(FLOAT) after the grouping Reshape, float32 constants,
+    Cast(FLOAT16) before the final Reshape."""
+    b = Builder()
+    gn = keras_group_norm(
+        b, "x", ("N", 8, 8, 16), 4, tf_moments(), dtype=np.float16, param_dtype=np.float32,
+        stats_input=lambda b, xg: b.op("Cast", xg, to=F32), out_cast=F16,
+    )
+    model = b.model([("x", F16, ["N", 8, 8, 16])], [(gn.y, F16, ["N", 8, 8, 16])])
+    assert_fused(model, gn, rng.normal(0, 1, (2, 8, 8, 16)).astype(np.float16))
+
+
+def test_negative_reduce_axes(rng):
+    model, gn = tf_model(("N", 8, 8, 16), 4, axes=[-4, -3, -1])
     assert_fused(model, gn, data(rng, ("N", 8, 8, 16)))
 
 
@@ -220,6 +243,13 @@ def test_beta_in_the_wrong_layout():
 def test_final_reshape_does_not_restore_the_input_shape():
     model, _ = tf_model(("N", 8, 8, 16), 4, out_target=[-1, 8, 16, 8])
     assert_skipped(model, "the final Reshape (target [-1, 8, 16, 8]) does not restore the input shape")
+
+
+def test_final_target_not_computable():
+    b = Builder()
+    gn = keras_group_norm(b, "x", ("N", 8, 8, 16), 4, tf_moments(), out_target="target")
+    model = b.model([("x", F32, ["N", 8, 8, 16]), ("target", I64, [4])], [(gn.y, F32, None)])
+    assert_skipped(model, "the final Reshape target cannot be evaluated")
 
 
 def test_lossy_cast_of_the_grouped_tensor():

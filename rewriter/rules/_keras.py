@@ -53,7 +53,7 @@ class KerasGroupNormFusionBase(GroupNormFusionBase):
         raise NotImplementedError
 
     def rsqrt(self, op, variance, epsilon):
-        std = op.Sqrt(op.Add(variance, epsilon))
+        std = op.Sqrt(commuted(op.Add, variance, epsilon))
         return pattern.OrValue([op.Reciprocal(std), op.Div(1.0, std)])
 
     def combine(self, op, xs, mean, inv, beta):
@@ -105,6 +105,8 @@ class KerasGroupNormFusionBase(GroupNormFusionBase):
 
     def _check_casts(self, x: ir.Value, y: ir.Value, cast_in, cast_out) -> str | None:
         dtype = x.dtype
+        if dtype is None:
+            return f"the dtype of {x.name!r} is unknown (shape inference could not type it)"
         if dtype not in _match.FLOAT_TYPES:
             return f"input dtype {dtype} is not a float type"
         stash = False

@@ -21,6 +21,7 @@ from onnxscript.rewriter import pattern
 
 from .. import _match
 from ._keras import KerasGroupNormFusionBase
+from .tf2onnx import tf_mean
 
 __all__ = ["Keras36Float16GroupNormFusion", "rules"]
 
@@ -41,9 +42,9 @@ class Keras36Float16GroupNormFusion(KerasGroupNormFusionBase):
         return op.Cast(clipped, _outputs=[f"{name}_cast"])
 
     def moments(self, op, xs):
-        mean32 = op.ReduceMean(xs, _allow_other_inputs=True)
+        mean32 = tf_mean(op, xs)
         deviation = op.Sub(xs, mean32)
-        var32 = op.ReduceMean(op.Mul(deviation, deviation), _allow_other_inputs=True)
+        var32 = tf_mean(op, op.Mul(deviation, deviation))
         return self._clip_cast(op, mean32, "mean"), self._clip_cast(op, var32, "var")
 
     def _clip_ok(self, node: ir.Node, bound: float) -> bool:

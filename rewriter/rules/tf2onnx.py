@@ -13,10 +13,12 @@ from onnxscript.rewriter import pattern
 
 from ._keras import KerasGroupNormFusionBase
 
-__all__ = ["KerasTFGroupNormFusion", "rules"]
+__all__ = ["KerasTFGroupNormFusion", "rules", "tf_mean"]
 
 
-def _mean(op, value):
+def tf_mean(op, value):
+    """``reduce_mean`` as tf2onnx writes it: ReduceMean, or GlobalAveragePool when the
+    axes are exactly [2, ...] (the reductions check proves the axes either way)."""
     return pattern.OrValue([op.ReduceMean(value, _allow_other_inputs=True), op.GlobalAveragePool(value)])
 
 
@@ -24,9 +26,9 @@ class KerasTFGroupNormFusion(KerasGroupNormFusionBase):
     """tf2onnx's form of ``tf.nn.moments``: ReduceMean (or GlobalAveragePool) of (x - m)^2."""
 
     def moments(self, op, xs):
-        mean = _mean(op, xs)
+        mean = tf_mean(op, xs)
         deviation = op.Sub(xs, mean)
-        return mean, _mean(op, op.Mul(deviation, deviation))
+        return mean, tf_mean(op, op.Mul(deviation, deviation))
 
 
 def rules() -> list[pattern.RewriteRule]:

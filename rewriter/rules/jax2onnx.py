@@ -56,7 +56,8 @@ __all__ = ["KerasJaxGroupNormFusion", "rules"]
 
 #: Ops that may compute from a ``Shape`` read of an intermediate and die with the subgraph.
 _SHAPE_OPS = frozenset(
-    {"Shape", "Gather", "Slice", "Concat", "Unsqueeze", "Squeeze", "Reshape", "Cast", "Identity", "Mul", "Add", "Sub", "Div", "Expand", "ConstantOfShape"}
+    {"Shape", "Gather", "Slice", "Concat", "Unsqueeze", "Squeeze", "Reshape", "Cast", "Identity"}
+    | {"Mul", "Add", "Sub", "Div", "Expand", "ConstantOfShape"}
 )
 #: At most this many such nodes per match (jax2onnx needs about 20 for a rank-5 dynamic input).
 _MAX_SHAPE_NODES = 128

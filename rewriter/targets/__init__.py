@@ -4,6 +4,7 @@ that rewrites the model in place and records what it did (``report.lowered``) an
 left as our op and why (``report.notes``).
 
 * ``function`` (default): our op with its function body attached; nothing to lower.
+* ``onnx``: :mod:`.onnx_standard`; ``ort``: :mod:`.ort_cpu`; ``ort-gpu``: :mod:`.ort_gpu`.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import Callable
 import onnx_ir as ir
 
 from ..report import FuseReport
+from . import onnx_standard, ort_cpu, ort_gpu
 
 __all__ = ["TARGETS", "lower", "absorbs_activation_by_default"]
 
@@ -22,10 +24,17 @@ def _function(model: ir.Model, report: FuseReport) -> None:
 
 
 #: target name -> lowering; targets that cannot hold our op's activation get it unfused first.
-TARGETS: dict[str, Callable[[ir.Model, FuseReport], None]] = {"function": _function}
+TARGETS: dict[str, Callable[[ir.Model, FuseReport], None]] = {
+    "function": _function,
+    "onnx": onnx_standard.lower,
+    "ort": ort_cpu.lower,
+    "ort-gpu": ort_gpu.lower,
+}
 
 #: Targets whose deployment form benefits from a SiLU absorbed into the op.
-_ABSORB_BY_DEFAULT: set[str] = set()
+_ABSORB_BY_DEFAULT = {
+    name for name, module in (("onnx", onnx_standard), ("ort", ort_cpu), ("ort-gpu", ort_gpu)) if module.ABSORBS_ACTIVATION
+}
 
 
 def absorbs_activation_by_default(target: str) -> bool:

@@ -1,12 +1,12 @@
 """Make the real Keras+TensorFlow ONNX exports that ``benchmarks/bench_op.py`` times (not corpus models).
 
 Made with Keras 3.15.1 / TensorFlow 2.21.0 / tf2onnx 1.17.0 (``model.export(path, format="onnx")``,
-``KERAS_BACKEND=tensorflow``, CPU), Python 3.11.7, in the venv ``/opt/venvs/tfk3``. Rebuild from
+``KERAS_BACKEND=tensorflow``, CPU), Python 3.11.7, in the venv ``/opt/venvs/tf``. Rebuild from
 nothing, from the repository root::
 
-    python3.11 -m venv /opt/venvs/tfk3
-    /opt/venvs/tfk3/bin/pip install -q -r models/generators/requirements-tf.txt
-    KERAS_BACKEND=tensorflow /opt/venvs/tfk3/bin/python benchmarks/make_keras_models.py
+    python3.11 -m venv /opt/venvs/tf
+    /opt/venvs/tf/bin/pip install -q -r models/generators/requirements-tf.txt
+    KERAS_BACKEND=tensorflow /opt/venvs/tf/bin/python benchmarks/make_keras_models.py
 
 (``requirements-tf.txt`` pins keras==3.15.1 tensorflow==2.21.0 tf2onnx==1.17.0 and the rest of that venv.)
 

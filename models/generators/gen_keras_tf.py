@@ -19,15 +19,15 @@ dtype).
 
 Environment (Python 3.11.7 via pyenv; protobuf 7.36.2 works with tf2onnx 1.17.0 here, no pin needed)::
 
-    python3.11 -m venv /opt/venvs/tfk3
-    /opt/venvs/tfk3/bin/pip install -q keras==3.15.1 tensorflow==2.21.0 tf2onnx==1.17.0 keras-hub==0.32.0 \\
+    python3.11 -m venv /opt/venvs/tf
+    /opt/venvs/tf/bin/pip install -q keras==3.15.1 tensorflow==2.21.0 tf2onnx==1.17.0 keras-hub==0.32.0 \\
         onnx==1.23.2 onnxruntime==1.32.0 numpy==2.4.6
     # exact versions of everything: models/generators/requirements-tf.txt
-    #   /opt/venvs/tfk3/bin/pip install -q -r models/generators/requirements-tf.txt
+    #   /opt/venvs/tf/bin/pip install -q -r models/generators/requirements-tf.txt
 
 Run from the repository root::
 
-    /opt/venvs/tfk3/bin/python models/generators/gen_keras_tf.py [--out DIR] [--only NAME ...]
+    /opt/venvs/tf/bin/python models/generators/gen_keras_tf.py [--out DIR] [--only NAME ...]
 
 ``KERAS_BACKEND`` is forced to ``tensorflow``. With the default ``--out`` the manifest entries of this script
 are replaced (with ``--only`` this script's other entries are kept); with any other ``--out`` the files are

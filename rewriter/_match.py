@@ -20,6 +20,8 @@ __all__ = [
     "grouped_dims",
     "per_channel_param",
     "cast_target",
+    "lossy_cast_reason",
+    "EXACT_WIDENING",
     "FLOAT_TYPES",
 ]
 
@@ -33,6 +35,31 @@ def scalar_float(value: ir.Value | None) -> float | None:
     if array is None or array.size != 1 or array.dtype.kind not in "fiu":
         return None
     return float(array.reshape(()))
+
+
+#: Casts between float types that change no value.
+EXACT_WIDENING = frozenset(
+    {
+        (ir.DataType.FLOAT16, ir.DataType.FLOAT),
+        (ir.DataType.BFLOAT16, ir.DataType.FLOAT),
+        (ir.DataType.FLOAT16, ir.DataType.DOUBLE),
+        (ir.DataType.BFLOAT16, ir.DataType.DOUBLE),
+        (ir.DataType.FLOAT, ir.DataType.DOUBLE),
+    }
+)
+
+
+def lossy_cast_reason(value: ir.Value | None, what: str) -> str | None:
+    """A reason to reject the Cast producing ``value`` unless it changes no value."""
+    to = cast_target(value)
+    if to is None:
+        return None
+    source = value.producer().inputs[0]
+    if source.dtype is None:
+        return f"the dtype of {what} before its Cast to {to} is unknown"
+    if source.dtype != to and (source.dtype, to) not in EXACT_WIDENING:
+        return f"{what} is cast from {source.dtype} to {to}, which rounds it"
+    return None
 
 
 def cast_target(value: ir.Value | None) -> ir.DataType | None:
@@ -166,8 +193,9 @@ def per_channel_param(value: ir.Value, grouping: Grouping, what: str) -> tuple[n
     either behind a Cast to a float type.
     """
     if cast_target(value) is not None:
-        if cast_target(value) not in FLOAT_TYPES:
-            return None, f"{what} is cast to a non-float type"
+        why = lossy_cast_reason(value, what)
+        if why:
+            return None, why
         value = value.producer().inputs[0]
     expected = grouping.param_shape()
     array = _shapes.numpy_of(value)
@@ -187,7 +215,8 @@ def per_channel_param(value: ir.Value, grouping: Grouping, what: str) -> tuple[n
             return None, f"{what}'s Reshape target cannot be evaluated"
         if [1] * (len(expected) - len(target)) + list(target) != expected:
             return None, f"{what} is reshaped to {target}, not the grouped layout {expected}"
-        if cast_target(source) is not None and cast_target(source) not in FLOAT_TYPES:
-            return None, f"{what} is cast to a non-float type"
+        why = lossy_cast_reason(source, what)
+        if why:
+            return None, why
         return source, None
     return None, f"{what} is neither a constant nor a Reshape of a [C] vector"

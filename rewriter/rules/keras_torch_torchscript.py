@@ -30,36 +30,12 @@ __all__ = ["KerasTorchScriptGroupNormFusion", "rules"]
 _STASHABLE = (ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
 
 #: Float conversions that change no value: (from, to).
-_EXACT_WIDENING = frozenset(
-    {
-        (ir.DataType.FLOAT16, ir.DataType.FLOAT),
-        (ir.DataType.BFLOAT16, ir.DataType.FLOAT),
-        (ir.DataType.FLOAT16, ir.DataType.DOUBLE),
-        (ir.DataType.BFLOAT16, ir.DataType.DOUBLE),
-        (ir.DataType.FLOAT, ir.DataType.DOUBLE),
-    }
-)
-
-
 def _statistics_dtype(dtype: ir.DataType, cast_in: ir.Value | None) -> ir.DataType:
     """The dtype the statistics are computed in: float32 after the float16 stash Cast."""
     to = _match.cast_target(cast_in)
     if to == ir.DataType.FLOAT and dtype in _STASHABLE:
         return ir.DataType.FLOAT
     return dtype
-
-
-def _param_cast_reason(value: ir.Value | None, what: str) -> str | None:
-    """A reason to reject a Cast on gamma/beta unless it changes no value."""
-    to = _match.cast_target(value)
-    if to is None:
-        return None
-    source = value.producer().inputs[0]
-    if source.dtype is None:
-        return f"the dtype of {what} before its Cast to {to} is unknown"
-    if source.dtype != to and (source.dtype, to) not in _EXACT_WIDENING:
-        return f"{what} is cast from {source.dtype} to {to}, which rounds it"
-    return None
 
 
 class KerasTorchScriptGroupNormFusion(KerasGroupNormFusionBase):
@@ -106,10 +82,6 @@ class KerasTorchScriptGroupNormFusion(KerasGroupNormFusionBase):
         why = self._hidden_casts_reason(self._fusion.x.dtype, cast_in, cast_in_again, cast_eps, cast_out_inner)
         if why:
             return result.fail(why, self._fusion.x)
-        for what, value, on in (("gamma", gamma, self.scale), ("beta", beta, self.center)):
-            why = _param_cast_reason(value, what) if on else None
-            if why:
-                return result.fail(why, value)
         return result
 
 

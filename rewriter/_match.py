@@ -70,18 +70,19 @@ def cast_target(value: ir.Value | None) -> ir.DataType | None:
     return ir.DataType(node.attributes["to"].as_int())
 
 
-def reduce_axes(node: ir.Node, rank: int) -> tuple[list[int] | None, str | None]:
+def reduce_axes(node: ir.Node, rank: int, *, require_keepdims: bool = True) -> tuple[list[int] | None, str | None]:
     """Sorted non-negative axes that a reduction ``node`` reduces, for an input of ``rank``.
 
-    Returns ``(axes, None)`` or ``(None, reason)``. Requires keepdims=1 (the default).
-    GlobalAveragePool reduces every axis from 2 on and keeps them.
+    Returns ``(axes, None)`` or ``(None, reason)``. Requires keepdims=1 (the default)
+    unless ``require_keepdims`` is False. GlobalAveragePool reduces every axis from 2 on
+    and keeps them.
     """
     if node.op_type == "GlobalAveragePool":
         return list(range(2, rank)), None
     if node.op_type not in _REDUCE_OPS:
         return None, f"{node.op_type} is not a reduction"
     keepdims = node.attributes.get("keepdims")
-    if keepdims is not None and keepdims.as_int() != 1:
+    if require_keepdims and keepdims is not None and keepdims.as_int() != 1:
         return None, f"{node.op_type} {node.name!r} has keepdims=0"
     axes_attr = node.attributes.get("axes")
     if axes_attr is not None:

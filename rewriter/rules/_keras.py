@@ -86,13 +86,17 @@ class KerasGroupNormFusionBase(GroupNormFusionBase):
         """Family-specific semantics of the moments; a reason to reject, or None."""
         return None
 
+    def requires_keepdims(self, node: ir.Node) -> bool:
+        """Whether reduction ``node`` must keep its dims (a family may broadcast back)."""
+        return True
+
     def _check_reductions(self, context, candidates):
         nodes = [n for n in context.nodes if n.op_type in self.REDUCTIONS]
         reasons = []
         for grouping in candidates:
             bad = None
             for node in nodes:
-                axes, why = _match.reduce_axes(node, grouping.rank + 1)
+                axes, why = _match.reduce_axes(node, grouping.rank + 1, require_keepdims=self.requires_keepdims(node))
                 if why:
                     return None, why
                 if axes != grouping.stat_axes:

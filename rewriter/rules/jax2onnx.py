@@ -132,32 +132,6 @@ class _ShapeReadsClaimingMatcher(pattern.SimplePatternMatcher):
         return result
 
 
-def _reduce_axes(node: ir.Node, rank: int) -> tuple[list[int] | None, str | None]:
-    """Sorted non-negative axes a ReduceX ``node`` reduces, whatever its ``keepdims``
-    (``_match.reduce_axes`` requires keepdims=1)."""
-    keepdims = node.attributes.get("keepdims")
-    if keepdims is None or keepdims.as_int() == 1:
-        return _match.reduce_axes(node, rank)
-    axes_attr = node.attributes.get("axes")
-    if axes_attr is not None:
-        axes = list(axes_attr.as_ints())
-    elif len(node.inputs) > 1 and node.inputs[1] is not None:
-        array = _shapes.numpy_of(node.inputs[1])
-        if array is None:
-            return None, f"{node.op_type} {node.name!r} has run-time axes"
-        axes = [int(a) for a in array.reshape(-1)]
-    else:
-        axes = []
-    if not axes:
-        noop = node.attributes.get("noop_with_empty_axes")
-        if noop is not None and noop.as_int():
-            return None, f"{node.op_type} {node.name!r} reduces nothing (noop_with_empty_axes)"
-        axes = list(range(rank))
-    if any(not -rank <= a < rank for a in axes):
-        return None, f"{node.op_type} {node.name!r} has axes {axes} out of range for rank {rank}"
-    return sorted({a % rank for a in axes}), None
-
-
 def _keepdims(node: ir.Node) -> bool:
     attr = node.attributes.get("keepdims")
     return attr is None or attr.as_int() != 0
@@ -224,27 +198,9 @@ class KerasJaxGroupNormFusion(KerasGroupNormFusionBase):
         return mean, variance
 
     # -- check -----------------------------------------------------------------------
-    def _check_reductions(self, context, candidates):
-        """As the base, but the sums may have keepdims=0 (``check_moments`` proves the
-        broadcast back); the mean is used as is and must keep its dims."""
-        nodes = [n for n in context.nodes if n.op_type in self.REDUCTIONS]
-        reasons = []
-        for grouping in candidates:
-            bad = None
-            for node in nodes:
-                if node.op_type in ("ReduceSum", "ReduceSumSquare"):
-                    axes, why = _reduce_axes(node, grouping.rank + 1)
-                else:
-                    axes, why = _match.reduce_axes(node, grouping.rank + 1)
-                if why:
-                    return None, why
-                if axes != grouping.stat_axes:
-                    bad = f"{node.op_type} {node.name!r} reduces axes {axes}, not {grouping.stat_axes} (all but batch and group)"
-                    break
-            if bad is None:
-                return grouping, None
-            reasons.append(bad)
-        return None, reasons[0] if reasons else "no reduction found"
+    def requires_keepdims(self, node: ir.Node) -> bool:
+        # The sums may drop their dims: check_moments proves the Reshape/Expand back.
+        return node.op_type not in ("ReduceSum", "ReduceSumSquare")
 
     def check(self, context, **bindings):
         result = super().check(context, **bindings)

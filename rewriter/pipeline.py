@@ -80,8 +80,13 @@ def _all_values(graph_like) -> Iterable[ir.Value]:
         yield from graph_like.initializers.values()
 
 
+def _live_uses(value: ir.Value) -> list:
+    # A node removed from its graph may still be listed as a user; it does not count.
+    return [u for u in value.uses() if u.node.graph is not None]
+
+
 def _is_dead(node: ir.Node) -> bool:
-    return all(not out.uses() and not out.is_graph_output() for out in node.outputs)
+    return all(not _live_uses(out) and not out.is_graph_output() for out in node.outputs)
 
 
 class _Snapshot:
@@ -115,7 +120,7 @@ class _Snapshot:
                         changed = True
             if isinstance(graph_like, ir.Graph):
                 for name, value in list(graph_like.initializers.items()):
-                    if value in self.used_initializers and not value.uses() and not value.is_graph_input() and not value.is_graph_output():
+                    if value in self.used_initializers and not _live_uses(value) and not value.is_graph_input() and not value.is_graph_output():
                         del graph_like.initializers[name]
 
     def restore(self, model: ir.Model) -> None:
@@ -267,12 +272,13 @@ def fuse(
         absorb_activation = targets_module.absorbs_activation_by_default(target)
     if absorb_activation:
         pattern.RewriteRuleSet(activation_rules.rules()).apply_to_model(ir_model)
+    # Read the fused layers before lowering (a target may replace our nodes) while the
+    # inferred shapes are still on the values.
+    fused_layers = [_fused_layer(n) for g in _graph_likes(ir_model) for n in g if _ours(n) and n not in before]
     targets_module.lower(ir_model, target, report)
     snapshot.remove_new_dead_code(ir_model)
     alive = {n for g in _graph_likes(ir_model) for n in g}
-    # Read the fused layers while inferred shapes are still on the values.
-    report.fused = [_fused_layer(n) for n in alive if _ours(n) and n not in before]
-    report.fused.sort(key=lambda f: f.node)
+    report.fused = sorted(fused_layers, key=lambda f: f.node)
     snapshot.restore(ir_model)
     seen = set()
     for rule, node, reason in recorder.failures:

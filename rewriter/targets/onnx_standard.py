@@ -228,11 +228,24 @@ def _apply(plan: _Plan) -> dict:
     ir.convenience.replace_nodes_and_values(
         plan.container, old_nodes[-1], old_nodes, new_nodes, [old_out], [out]
     )
+    _detach(old_nodes)
     entry = {
         "node": _label(gn), "form": plan.form, "num_groups": plan.groups, "channels": plan.channels,
         "epsilon": float(epsilon), "stash_type": _STASH_FLOAT32, "activation": activation,
     }
     return entry
+
+
+def _detach(nodes: Iterable[ir.Node]) -> None:
+    """Drop removed nodes' uses of their inputs, so what fed only them reads as dead."""
+    for node in nodes:
+        inputs = [v for v in node.inputs if v is not None]
+        for i in range(len(node.inputs)):
+            node.replace_input_with(i, None)
+        for value in inputs:  # uses left by nodes the rewriter removed earlier
+            for use in list(value.uses()):
+                if use.node.graph is None:
+                    use.node.replace_input_with(use.idx, None)
 
 
 def _plans(model: ir.Model, report: FuseReport | None) -> tuple[list[_Plan], int]:

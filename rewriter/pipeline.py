@@ -116,6 +116,9 @@ class _Snapshot:
                 changed = False
                 for node in reversed(list(graph_like)):
                     if node in self.node_names and node not in self.dead and _is_dead(node):
+                        for out in node.outputs:  # let go of users already removed
+                            for use in list(out.uses()):
+                                use.node.replace_input_with(use.idx, None)
                         graph_like.remove(node, safe=True)
                         changed = True
             if isinstance(graph_like, ir.Graph):
@@ -270,8 +273,9 @@ def fuse(
     logger.info("%d GroupNormalization subgraph(s) fused", count)
     if absorb_activation is None:
         absorb_activation = targets_module.absorbs_activation_by_default(target)
+    absorbed = 0
     if absorb_activation:
-        pattern.RewriteRuleSet(activation_rules.rules()).apply_to_model(ir_model)
+        absorbed = pattern.RewriteRuleSet(activation_rules.rules()).apply_to_model(ir_model)
     # Read the fused layers before lowering (a target may replace our nodes) while the
     # inferred shapes are still on the values.
     fused_layers = [_fused_layer(n) for g in _graph_likes(ir_model) for n in g if _ours(n) and n not in before]
@@ -286,7 +290,7 @@ def fuse(
             seen.add(node)
             report.skipped.append(Skipped(rule=rule, node=node.name or "", reason=reason))
 
-    if not report.fused and is_proto:
+    if not (report.fused or report.lowered or absorbed) and is_proto:
         # Nothing rewritten: hand back the input itself, byte for byte.
         proto = copy.deepcopy(original)
         if verify:

@@ -169,10 +169,10 @@ def make_model(
     Raises ValueError for an invalid configuration.
     """
     config = contract.GroupNormConfig(groups, axis, epsilon, center, scale)
-    norm_axis, channels, _ = config.validate(list(input_shape))
+    norm_axis, channels, resolved_groups = config.validate(list(input_shape))
     np_dtype = np.dtype(dtype)
     elem_type = onnx.helper.np_dtype_to_tensor_dtype(np_dtype)
-    variant = variant_for(len(input_shape), norm_axis, elem_type, scale, center, activation)
+    variant = variant_for(len(input_shape), norm_axis, elem_type, scale, center, activation, channels=channels, groups=resolved_groups)
     params = {}
     for name, on, value, default in (("gamma", scale, gamma, np.ones), ("beta", center, beta, np.zeros)):
         if not on:

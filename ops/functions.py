@@ -37,7 +37,10 @@ ONNX GroupNormalization-21's own body (E[x^2] - E[x]^2 in the input type) return
 from __future__ import annotations
 
 import functools
+import re
+from typing import NamedTuple
 
+import numpy as np
 import onnx
 from onnxscript import FLOAT, INT64, script
 from onnxscript import opset13 as op13
@@ -48,68 +51,123 @@ from . import contract
 
 __all__ = ["Variant", "variant_for", "function_proto", "LAYOUTS"]
 
-LAYOUTS = ("cf", "nd")
+LAYOUTS = ("cf", "cl", "nd")
 
 _CUSTOM_OPSET = Opset(contract.DOMAIN, contract.VERSION)
 
-#: At most about this many elements (cf) or rows (nd) per group estimate the shift.
+#: At most about this many elements (cf) or rows (nd) per group estimate the shift (nd).
 _SHIFT_SAMPLES = 256
+#: cf/cl: every this-many-th element (cf) or spatial row (cl) estimates the shift; a prime,
+#: so the samples spread over image rows, and sparse enough to touch few cache lines.
+_SHIFT_STRIDE = 61
 
 _STASHED = (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
 _SUPPORTED_DTYPES = (*_STASHED, onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE)
 
 
-class Variant(tuple):
-    """Which body a node needs: ``(layout, dtype, scale, center, silu)``; ``overload`` names it."""
+_OVERLOAD = re.compile(r"^(cf|cl|nd)_([a-z0-9]+)_(gb|g|b|plain)(_silu)?(?:_c(\d+)g(\d+)(?:r(\d+))?)?$")
 
-    __slots__ = ()
 
-    def __new__(cls, layout: str, dtype: int, scale: bool, center: bool, silu: bool = False):
-        if layout not in LAYOUTS:
-            raise ValueError(f"unknown layout {layout!r}")
-        if dtype not in _SUPPORTED_DTYPES:
-            raise ValueError(
-                f"GroupNormalization supports float16, bfloat16, float32 and float64 inputs, "
-                f"got {onnx.TensorProto.DataType.Name(dtype)}"
-            )
-        return super().__new__(cls, (layout, int(dtype), bool(scale), bool(center), bool(silu)))
+class Variant(NamedTuple):
+    """Which body a node needs; :attr:`overload` names it.
 
-    layout = property(lambda self: self[0])
-    dtype = property(lambda self: self[1])
-    scale = property(lambda self: self[2])
-    center = property(lambda self: self[3])
-    silu = property(lambda self: self[4])
+    ``cf`` and ``cl`` bodies are specialised on the channel count and number of groups
+    (and ``cl`` on the rank) so that every shape they use is a constant: onnxruntime folds
+    no shape computation that reads a tensor with a symbolic (batch) dimension, and each
+    left over costs a kernel launch. The ``nd`` body (channel axis in the middle) computes
+    its shapes at run time.
+    """
+
+    layout: str
+    dtype: int
+    scale: bool
+    center: bool
+    silu: bool = False
+    channels: int = 0
+    groups: int = 0
+    rank: int = 0
 
     @property
     def overload(self) -> str:
         dtype = onnx.TensorProto.DataType.Name(self.dtype).lower()
         affine = ("g" if self.scale else "") + ("b" if self.center else "")
-        return f"{self.layout}_{dtype}_{affine or 'plain'}" + ("_silu" if self.silu else "")
+        name = f"{self.layout}_{dtype}_{affine or 'plain'}" + ("_silu" if self.silu else "")
+        if self.layout in ("cf", "cl"):
+            name += f"_c{self.channels}g{self.groups}"
+        if self.layout == "cl":
+            name += f"r{self.rank}"
+        return name
 
     @classmethod
     def from_overload(cls, overload: str) -> Variant:
         """Inverse of :attr:`overload`; ValueError for a name we did not make."""
+        match = _OVERLOAD.match(overload)
         try:
-            layout, dtype, affine, *rest = overload.split("_")
-            if rest not in ([], ["silu"]):
+            if match is None:
                 raise ValueError(overload)
-            return cls(
+            layout, dtype, affine, silu, channels, groups, rank = match.groups()
+            variant = cls(
                 layout,
                 onnx.TensorProto.DataType.Value(dtype.upper()),
                 "g" in affine,
                 "b" in affine,
-                rest == ["silu"],
+                silu is not None,
+                int(channels or 0),
+                int(groups or 0),
+                int(rank or 0),
             )
+            _validate(variant)
         except ValueError as e:
             raise ValueError(f"{overload!r} is not an overload of our GroupNormalization") from e
+        return variant
 
 
-def variant_for(rank: int, axis: int, dtype: int, scale: bool, center: bool, activation: int = 0) -> Variant:
-    """The body for an input of ``rank`` with the channel on ``axis`` (may be negative)."""
+def _validate(variant: Variant) -> None:
+    if variant.layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {variant.layout!r}")
+    if variant.dtype not in _SUPPORTED_DTYPES:
+        raise ValueError(
+            f"GroupNormalization supports float16, bfloat16, float32 and float64 inputs, "
+            f"got {onnx.TensorProto.DataType.Name(variant.dtype)}"
+        )
+    if variant.layout in ("cf", "cl") and (variant.groups < 1 or variant.channels % variant.groups):
+        raise ValueError(f"C={variant.channels} is not divisible by groups={variant.groups}")
+    if variant.layout == "cl" and variant.rank < 2:
+        raise ValueError(f"rank {variant.rank} < 2")
+
+
+def variant_for(
+    rank: int,
+    axis: int,
+    dtype: int,
+    scale: bool,
+    center: bool,
+    activation: int = 0,
+    *,
+    channels: int,
+    groups: int,
+) -> Variant:
+    """The body for an input of ``rank`` with ``channels`` on ``axis`` (may be negative);
+    ``groups`` may be -1 (one per channel)."""
     if activation not in contract.ACTIVATIONS:
         raise ValueError(f"activation must be one of {sorted(contract.ACTIVATIONS)} (0 none, 1 SiLU), got {activation}")
-    layout = "cf" if axis % rank == 1 and dtype != onnx.TensorProto.DOUBLE else "nd"
-    return Variant(layout, dtype, scale, center, activation == contract.ACTIVATION_SILU)
+    groups = channels if groups == -1 else groups
+    axis %= rank
+    silu = activation == contract.ACTIVATION_SILU
+    if dtype == onnx.TensorProto.DOUBLE:  # onnxruntime's InstanceNormalization has no float64 kernel
+        layout = "cl" if axis == rank - 1 else "nd"
+    else:
+        layout = "cf" if axis == 1 else "cl" if axis == rank - 1 else "nd"
+    if layout == "nd":
+        variant = Variant(layout, int(dtype), bool(scale), bool(center), silu)
+    else:
+        variant = Variant(layout, int(dtype), bool(scale), bool(center), silu, int(channels), int(groups), rank if layout == "cl" else 0)
+    _validate(variant)
+    return variant
+
+
+def _np_type(dtype: int):
+    return np.float64 if dtype == onnx.TensorProto.DOUBLE else np.float32
 
 
 def _build(variant: Variant, opset: int) -> onnx.FunctionProto:
@@ -128,6 +186,22 @@ def _build(variant: Variant, opset: int) -> onnx.FunctionProto:
     SAMPLES = _SHIFT_SAMPLES
     op = op18 if R18 else op13
 
+    # Shapes known when the body is built (cf/cl): constants onnxruntime needs no kernel for.
+    C, G = variant.channels, variant.groups
+    CG = C // G if G else 0
+    GROUPED = [0, G, -1]  # cf: [N, G, C/G * spatial]
+    VIEW = [0, -1, G, CG]  # cl: [N, spatial, G, C/G]
+    PER_CHANNEL = [0] + [1] * max(variant.rank - 2, 0) + [C]  # cl: [N, 1.., C], X's layout
+    EXPAND_GROUP = [1, 1, 1, CG]
+    AFFINE_VIEW = [1, 1, G, CG]
+    ONES_G = onnx.numpy_helper.from_array(np.ones(G, np.float32), "ones_g")
+    ZEROS_G = onnx.numpy_helper.from_array(np.zeros(G, np.float32), "zeros_g")
+    ONES_C = onnx.numpy_helper.from_array(np.ones(C, _np_type(COMPUTE)), "ones_c")
+    ZEROS_C = onnx.numpy_helper.from_array(np.zeros(C, _np_type(COMPUTE)), "zeros_c")
+    INV_CG = onnx.numpy_helper.from_array(np.array(1.0 / CG if CG else 0.0, _np_type(COMPUTE)), "inv_cg")
+    STRIDE = _SHIFT_STRIDE
+    BIG = np.iinfo(np.int64).max
+
     if variant.layout == "cf":
 
         @script(_CUSTOM_OPSET, default_opset=op)
@@ -136,29 +210,20 @@ def _build(variant: Variant, opset: int) -> onnx.FunctionProto:
                 x = op.Cast(X, to=COMPUTE)
             else:
                 x = op.Identity(X)
-            shape = op.Shape(X)
-            channels = op.Gather(shape, op.Constant(value_ints=[1]))
-            g1 = op.Unsqueeze(op.Constant(value_int=groups), op.Constant(value_ints=[0]))
-            num_groups = op.Where(op.Less(g1, op.Constant(value_ints=[1])), channels, g1)
-            x3 = op.Reshape(x, op.Concat(op.Constant(value_ints=[0]), num_groups, op.Constant(value_ints=[-1]), axis=0))
-            # A shift near each group's mean, from an evenly strided sample of at most
-            # ~SAMPLES elements (cheap); subtracting it lets the statistics below see
-            # small deviations. Any shift within a few std of the mean keeps full precision.
+            x3 = op.Reshape(x, op.Constant(value_ints=GROUPED))
             two = op.Constant(value_ints=[2])
-            length = op.Slice(op.Shape(x3), two, op.Constant(value_ints=[3]))
-            step = op.Max(op.Div(length, op.Constant(value_ints=[SAMPLES])), op.Constant(value_ints=[1]))
-            sample = op.Slice(x3, op.Constant(value_ints=[0]), length, two, step)
+            # A shift near each group's mean from every STRIDE-th element (cheap); with it
+            # subtracted the statistics see small deviations: a corrected two-pass.
+            sample = op.Slice(x3, op.Constant(value_ints=[0]), op.Constant(value_ints=[BIG]), two, op.Constant(value_ints=[STRIDE]))
             if R18:
                 m = op.ReduceMean(sample, two, keepdims=1)
             if R13:
                 m = op.ReduceMean(sample, axes=[2], keepdims=1)
             d = op.Sub(x3, m)
-            ones_g = op.ConstantOfShape(num_groups, value=onnx.helper.make_tensor("one", onnx.TensorProto.FLOAT, [1], [1.0]))
-            zeros_g = op.ConstantOfShape(num_groups, value=onnx.helper.make_tensor("zero", onnx.TensorProto.FLOAT, [1], [0.0]))
-            n = op.Reshape(op.InstanceNormalization(d, ones_g, zeros_g, epsilon=epsilon), shape)
+            n = op.Reshape(op.InstanceNormalization(d, op.Constant(value=ONES_G), op.Constant(value=ZEROS_G), epsilon=epsilon), op.Shape(X))
             if AFFINE:
-                ones_c = op.ConstantOfShape(channels, value=onnx.helper.make_tensor("one", onnx.TensorProto.FLOAT, [1], [1.0]))
-                zeros_c = op.ConstantOfShape(channels, value=onnx.helper.make_tensor("zero", onnx.TensorProto.FLOAT, [1], [0.0]))
+                ones_c = op.Constant(value=ONES_C)
+                zeros_c = op.Constant(value=ZEROS_C)
                 if SCALE:
                     gam = op.Cast(gamma, to=COMPUTE)
                 else:
@@ -171,6 +236,59 @@ def _build(variant: Variant, opset: int) -> onnx.FunctionProto:
                 y = op.BatchNormalization(n, gam, bet, zeros_c, ones_c, epsilon=0.0)
             if NO_AFFINE:
                 y = op.Identity(n)
+            if SILU:
+                y = op.Mul(y, op.Sigmoid(y))
+            if STASH:
+                Y = op.Cast(y, to=OUT)
+            else:
+                Y = op.Identity(y)
+            return Y
+
+    elif variant.layout == "cl":
+
+        @script(_CUSTOM_OPSET, default_opset=op)
+        def GroupNormalization(X, gamma, beta, groups: int, axis: int, epsilon: float):
+            if STASH:
+                x = op.Cast(X, to=COMPUTE)
+            else:
+                x = op.Identity(X)
+            view = op.Constant(value_ints=VIEW)
+            per_channel = op.Constant(value_ints=PER_CHANNEL)
+            expand_group = op.Constant(value_ints=EXPAND_GROUP)
+            one = op.Constant(value_ints=[1])
+            three = op.Constant(value_ints=[3])
+            # A shift near each group's mean from every STRIDE-th spatial row (cheap); with it
+            # subtracted the statistics see small deviations: a corrected two-pass.
+            sample = op.Slice(op.Reshape(x, view), op.Constant(value_ints=[0]), op.Constant(value_ints=[BIG]), one, op.Constant(value_ints=[STRIDE]))
+            # Reduce over C/G, then over the spatial rows: two fast reduce kernels (one
+            # strided reduction over both is slow). Rows are equal-sized: mean of means.
+            if R18:
+                m4 = op.ReduceMean(op.ReduceMean(sample, three, keepdims=1), one, keepdims=1)
+            if R13:
+                m4 = op.ReduceMean(op.ReduceMean(sample, axes=[3], keepdims=1), axes=[1], keepdims=1)
+            # Per-(sample, channel) values broadcast in X's own layout [N, 1.., C]: a row
+            # broadcast, fast in onnxruntime, and no copying Reshape at the end.
+            d = op.Sub(x, op.Reshape(op.Expand(m4, expand_group), per_channel))
+            d4 = op.Reshape(d, view)
+            if R18:
+                mean_d = op.ReduceMean(op.ReduceMean(d4, three, keepdims=1), one, keepdims=1)
+                mean_sq = op.Mul(op.ReduceMean(op.ReduceSumSquare(d4, three, keepdims=1), one, keepdims=1), op.Constant(value=INV_CG))
+            if R13:
+                mean_d = op.ReduceMean(op.ReduceMean(d4, axes=[3], keepdims=1), axes=[1], keepdims=1)
+                mean_sq = op.Mul(op.ReduceMean(op.ReduceSumSquare(d4, axes=[3], keepdims=1), axes=[1], keepdims=1), op.Constant(value=INV_CG))
+            var = op.Sub(mean_sq, op.Mul(mean_d, mean_d))
+            eps = op.Cast(op.Constant(value_float=epsilon), to=COMPUTE)
+            inv = op.Expand(op.Reciprocal(op.Sqrt(op.Add(var, eps))), expand_group)
+            affine_view = op.Constant(value_ints=AFFINE_VIEW)
+            if SCALE:
+                a4 = op.Mul(inv, op.Reshape(op.Cast(gamma, to=COMPUTE), affine_view))
+            else:
+                a4 = op.Identity(inv)
+            if CENTER:
+                b4 = op.Sub(op.Reshape(op.Cast(beta, to=COMPUTE), affine_view), op.Mul(mean_d, a4))
+            else:
+                b4 = op.Neg(op.Mul(mean_d, a4))
+            y = op.Add(op.Mul(d, op.Reshape(a4, per_channel)), op.Reshape(b4, per_channel))
             if SILU:
                 y = op.Mul(y, op.Sigmoid(y))
             if STASH:

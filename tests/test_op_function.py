@@ -201,7 +201,7 @@ def test_variant_overload_round_trip():
         [onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE],
         [True, False], [True, False],
     ):
-        v = ops.Variant(layout, dtype, scale, center, silu=scale and not center)
+        v = ops.Variant(layout, dtype, scale, center, scale and not center, *((16, 4, 4 if layout == "cl" else 0) if layout != "nd" else ()))
         assert ops.Variant.from_overload(v.overload) == v
     with pytest.raises(ValueError, match="not an overload"):
         ops.Variant.from_overload("something_else")

@@ -186,7 +186,7 @@ def test_float16_policy(rng):
     Cast(FLOAT), the result cast back to float16 twice; the op computes in float32 too."""
     model, gn, _ = ts_model(NHWC, 4, elem=F16, stats_casts=(F32, F32), out_casts=(F16, F16), param_elem=F16)
     fused, report = assert_fused(model, gn, data(rng, NHWC, np.float16), rule=RULE)
-    assert report.fused[0].overload.startswith("nd_float16")
+    assert report.fused[0].overload.startswith("cl_float16")
     inits = {init.name: init.data_type for init in fused.graph.initializer}
     assert [inits[name] for name in ours(fused)[0].input[1:]] == [F16, F16]
 

@@ -137,7 +137,7 @@ def _tiny_block(out_consumer: str) -> onnx.ModelProto:
         h.make_node("Transpose", ["conv"], ["nhwc"], perm=[0, 2, 3, 1], name="to_nhwc"),
         h.make_node("Add", ["nhwc", "bias"], ["biased"], name="bias_add"),
         ops.make_node(
-            ["biased", "gamma", "beta"], ["gn"], variant=ops.variant_for(4, -1, onnx.TensorProto.FLOAT, True, True),
+            ["biased", "gamma", "beta"], ["gn"], variant=ops.variant_for(4, -1, onnx.TensorProto.FLOAT, True, True, channels=8, groups=4),
             groups=4, axis=-1, epsilon=1e-3, name="gn",
         ),
         h.make_node("Sigmoid", ["gn"], ["sig"], name="sig"),

@@ -23,16 +23,13 @@ Options: ``--out DIR`` (write there and leave the manifest alone), ``--only NAME
 
 from __future__ import annotations
 
-import argparse
-import json
 import pathlib
 import sys
-import traceback
 
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from _manifest import MANIFEST, MODELS_DIR, save_npz, update_manifest  # noqa: E402
+import _common as common  # noqa: E402
 
 import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402
@@ -111,34 +108,13 @@ def build(cfg):
     return model, scale, bias
 
 
-TOL_LADDER = {"float32": [1e-5, 3e-5, 1e-4, 3e-4, 1e-3], "float16": [3e-3, 1e-2, 3e-2, 1e-1]}
-
-
-def pick_tolerance(ref, got, kind):
-    ref = ref.astype(np.float64)
-    err = np.abs(ref - got.astype(np.float64))
-    for t in TOL_LADDER[kind]:
-        if np.all(3 * err <= t + t * np.abs(ref)):
-            return t, float(err.max())
-    raise RuntimeError(f"onnxruntime vs NumPy spec: max abs err {err.max():.3g} beyond the {kind} ladder")
-
-
-def io_json(vis):
-    def dim(d):
-        return int(d.dim_value) if d.HasField("dim_value") else (d.dim_param if d.HasField("dim_param") else None)
-    return [{"name": vi.name, "shape": [dim(d) for d in vi.type.tensor_type.shape.dim],
-             "dtype": helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type).name} for vi in vis]
-
-
-def config_text(cfg):
-    return ", ".join(f"{k}={cfg[k]}" for k in ("opset", "rank", "channels", "groups", "eps", "dtype",
-                                                "stash_type", "dyn_batch"))
+CONFIG_KEYS = ("opset", "rank", "channels", "groups", "eps", "dtype", "stash_type", "dyn_batch")
 
 
 def generate(cfg, out_dir):
     name = cfg["name"]
     model, scale, bias = build(cfg)
-    notes = [f"config: {config_text(cfg)}."]
+    notes = [f"config: {common.config_text(cfg, CONFIG_KEYS)}."]
     try:
         onnx.checker.check_model(model, full_check=True)
         notes.append("onnx.checker.check_model(full_check=True) passes.")
@@ -165,70 +141,34 @@ def generate(cfg, out_dir):
         notes.append("Expected output: NumPy of the ONNX spec (GroupNormalization-21 semantics: scale/bias "
                      "per CHANNEL [C]; normalisation in stash_type precision (float32), cast back to X's "
                      "type, then scale*norm+bias in X's type); no framework made it.")
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    got = sess.run(None, {"x": x})[0]
-    kind = "float16" if cfg["dtype"] == "float16" else "float32"
-    tol, maxerr = pick_tolerance(y, got, kind)
+    y, tol, maxerr, kind = common.check_against_reference(path, model, x, y, "NumPy spec")
     notes.append(f"ORT CPU max abs err {maxerr:.3g}; tolerance (rtol=atol) = tightest of the {kind} ladder "
-                 f"{TOL_LADDER[kind]} passing with 3x margin.")
-    save_npz(path.with_suffix(".npz"), [x], [y])
-    return {
-        "name": name,
-        "file": f"{SUBDIR}/{name}.onnx",
-        "data": f"{SUBDIR}/{name}.npz",
-        "route": ROUTE,
-        "pattern_family": "onnx-GroupNormalization-op",
-        "exporter": {"name": "onnx.helper (hand-built, gen_handbuilt.py)", "version": f"onnx {onnx.__version__}"},
-        "frameworks": dict(FRAMEWORKS),
-        "python": PYTHON,
-        "opset": cfg["opset"],
-        "dtype_policy": cfg["dtype"],
-        "inputs": io_json(model.graph.input),
-        "outputs": io_json(model.graph.output),
-        "expected_group_norms": 1,
-        "layers": [{"groups": cfg["groups"], "axis": 1, "epsilon": float(cfg["eps"]), "center": True,
-                    "scale": True, "channels": cfg["channels"], "input_rank": cfg["rank"],
-                    "dtype_policy": cfg["dtype"]}],
-        "negative": False,
-        "hand_built": True,
-        "weights": "random",
-        "tolerance": {"rtol": tol, "atol": tol},
-        "notes": " ".join(notes),
-    }
+                 f"{common.TOL_LADDER[kind]} passing with 3x margin.")
+    common.save_npz(path.with_suffix(".npz"), [x], [y])
+    return common.manifest_entry(
+        name=name, subdir=SUBDIR, route=ROUTE, family="onnx-GroupNormalization-op",
+        exporter={"name": "onnx.helper (hand-built, gen_handbuilt.py)", "version": f"onnx {onnx.__version__}"},
+        frameworks=dict(FRAMEWORKS), python=PYTHON, opset=cfg["opset"], dtype_policy=cfg["dtype"],
+        inputs=common.io_json(model.graph.input), outputs=common.io_json(model.graph.output),
+        layers=[common.layer_record(groups=cfg["groups"], axis=1, epsilon=cfg["eps"], center=True, scale=True,
+                                    channels=cfg["channels"], input_rank=cfg["rank"], dtype_policy=cfg["dtype"])],
+        negative=False, hand_built=True, weights="random", tolerance={"rtol": tol, "atol": tol}, notes=notes)
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=pathlib.Path, default=MODELS_DIR)
-    ap.add_argument("--only", nargs="+", default=None)
-    args = ap.parse_args(argv)
-    out_dir = args.out.resolve()
-    cfgs = CONFIGS
-    if args.only:
-        unknown = set(args.only) - {c["name"] for c in CONFIGS}
-        if unknown:
-            ap.error(f"unknown names: {sorted(unknown)}")
-        cfgs = [c for c in CONFIGS if c["name"] in args.only]
-    models, failures = [], []
-    for cfg in cfgs:
-        try:
-            models.append(generate(cfg, out_dir))
-            print(f"ok   {cfg['name']}  tol={models[-1]['tolerance']['atol']}", flush=True)
-        except Exception as e:  # noqa: BLE001
-            msg = "".join(traceback.format_exception_only(type(e), e)).strip().splitlines()[:3]
-            failures.append({"route": ROUTE, "name": cfg["name"], "config": config_text(cfg),
-                             "exporter": {"name": "onnx.helper (hand-built)", "version": f"onnx {onnx.__version__}"},
-                             "frameworks": dict(FRAMEWORKS), "error": "\n".join(msg)[:1000]})
-            print(f"FAIL {cfg['name']}: {msg[0] if msg else type(e).__name__}", flush=True)
-    if out_dir == MODELS_DIR.resolve():
-        if args.only and MANIFEST.exists():
-            data = json.loads(MANIFEST.read_text())
-            done = {c["name"] for c in cfgs}
-            models += [m for m in data["models"] if m.get("generator") == SCRIPT and m["name"] not in done]
-            failures += [f for f in data["failures"] if f.get("generator") == SCRIPT and f["name"] not in done]
-        update_manifest(SCRIPT, models, failures)
-    print(f"{len(models)} models, {len(failures)} failures")
+    by_name = {c["name"]: c for c in CONFIGS}
+
+    def failure(name, e):
+        cfg = by_name[name]
+        return common.failure_entry(
+            route=ROUTE, name=name, config=common.config_text(cfg, CONFIG_KEYS),
+            exporter={"name": "onnx.helper (hand-built)", "version": f"onnx {onnx.__version__}"},
+            frameworks=dict(FRAMEWORKS), error="\n".join(common.exception_lines(e))[:1000])
+
+    return common.run_generator(SCRIPT, list(by_name), lambda name, idx, out_dir: generate(by_name[name], out_dir),
+                                failure, subdir_of=lambda name: SUBDIR, argv=argv,
+                                description=__doc__.splitlines()[0])
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -27,15 +27,9 @@ alone. Export attempts that fail (Conv3D, UNet with dynamic H/W + Concatenate) a
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import pathlib
-import platform
-import re
 import sys
-import traceback
-from importlib import metadata
 
 os.environ["KERAS_BACKEND"] = "jax"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -44,11 +38,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from _manifest import MANIFEST, MODELS_DIR, save_npz, update_manifest  # noqa: E402
+import _common as common  # noqa: E402
 
 import keras  # noqa: E402
-import onnx  # noqa: E402
-import onnxruntime as ort  # noqa: E402
 
 GENERATOR = pathlib.Path(__file__).name
 SUBDIR = "keras_jax"
@@ -56,17 +48,7 @@ ROUTE = "keras_export_jax"
 FAMILY = "jax2onnx-moments-var"
 L = keras.layers
 
-ONNX_DTYPES = {1: "float32", 10: "float16", 11: "float64", 7: "int64", 6: "int32", 16: "bfloat16"}
-
-
-def versions() -> dict:
-    out = {}
-    for pkg in ("keras", "jax", "jaxlib", "jax2onnx", "onnx", "onnxruntime", "numpy", "onnx-ir"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            pass
-    return out
+PACKAGES = ("keras", "jax", "jaxlib", "jax2onnx", "onnx", "onnxruntime", "numpy", "onnx-ir")
 
 
 # --------------------------------------------------------------------------- model builders
@@ -138,15 +120,13 @@ def unet_small(shape=(None, None, 8), ch=8, groups=4):
 SPECS: dict[str, dict] = {}
 
 
+# initial: names of GN layers left at their initial weights, or "all"
+SPEC_DEFAULTS = dict(policy="float32", sig=None, opset=None, initial=set(), notes="", extra_shapes=[],
+                     expect_fail=False, route=ROUTE)
+
+
 def spec(name, build, data_shape, **kw):
-    kw.setdefault("policy", "float32")
-    kw.setdefault("sig", None)
-    kw.setdefault("opset", None)
-    kw.setdefault("initial", set())
-    kw.setdefault("notes", "")
-    kw.setdefault("extra_shapes", [])
-    kw.setdefault("expect_fail", False)
-    SPECS[name] = dict(build=build, data_shape=data_shape, **kw)
+    common.add_spec(SPECS, name, build, data_shape, SPEC_DEFAULTS, **kw)
 
 
 spec("keras_jax_export_nhwc_r4_g4",
@@ -226,90 +206,39 @@ spec("keras_jax_export_unet_dynhw_concat",
 
 def set_weights(model, rng, initial):
     """Seeded random weights for everything except GN layers left at their initial values."""
-    for layer in model.layers:
-        is_gn = isinstance(layer, L.GroupNormalization)
-        if is_gn and (initial == "all" or layer.name in initial):
-            continue
-        for v in layer.weights:
-            shape = tuple(v.shape)
-            vname = v.path.split("/")[-1]
-            if is_gn and vname == "gamma":
-                val = 1.0 + 0.5 * rng.standard_normal(shape)
-            elif is_gn and vname == "beta":
-                val = 0.5 * rng.standard_normal(shape)
-            elif vname == "bias":
-                val = 0.2 * rng.standard_normal(shape)
-            else:
-                fan_in = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
-                val = rng.standard_normal(shape) / np.sqrt(max(fan_in, 1))
-            v.assign(val.astype(v.dtype))
+    common.set_seeded_weights(
+        model.layers, rng, weights=lambda layer: layer.weights, vname=lambda v: v.path.split("/")[-1],
+        is_norm=lambda layer: isinstance(layer, L.GroupNormalization),
+        skip=lambda layer, norm: norm and (initial == "all" or layer.name in initial), assign=common.assign_each)
 
 
 def gn_layers(model):
-    out = []
-    for layer in model.layers:
-        if isinstance(layer, L.GroupNormalization):
-            shp = layer.input.shape
-            out.append({
-                "groups": int(getattr(layer, "_configured_groups", layer.groups)), "axis": int(layer.axis), "epsilon": float(layer.epsilon),
-                "center": bool(layer.center), "scale": bool(layer.scale),
-                "channels": int(shp[layer.axis]), "input_rank": len(shp),
-                "dtype_policy": layer.dtype_policy.name,
-            })
-    return out
+    return [common.layer_record(
+        groups=getattr(layer, "_configured_groups", layer.groups), axis=layer.axis, epsilon=layer.epsilon,
+        center=layer.center, scale=layer.scale, channels=layer.input.shape[layer.axis],
+        input_rank=len(layer.input.shape), dtype_policy=layer.dtype_policy.name)
+        for layer in model.layers if isinstance(layer, L.GroupNormalization)]
 
 
-def value_info(vis):
-    res = []
-    for vi in vis:
-        tt = vi.type.tensor_type
-        dims = []
-        for d in tt.shape.dim:
-            if d.HasField("dim_value"):
-                dims.append(int(d.dim_value))
-            elif d.HasField("dim_param"):
-                dims.append(d.dim_param)
-            else:
-                dims.append(None)
-        res.append({"name": vi.name, "shape": dims, "dtype": ONNX_DTYPES.get(tt.elem_type, str(tt.elem_type))})
-    return res
+def unused_initializers(m):
+    used = {i for n in m.graph.node for i in n.input}
+    unused = [t.name for t in m.graph.initializer if t.name not in used]
+    return [f"jax2onnx leaves unused initializer(s) {unused} (ORT warns and removes them)."] if unused else []
 
 
-def choose_tol(got, ref, dtype):
-    ladder = [(1e-5, 1e-5), (1e-4, 1e-4), (1e-3, 1e-3)] if dtype != "float16" else \
-        [(1e-3, 1e-3), (3e-3, 3e-3), (1e-2, 1e-2), (3e-2, 3e-2)]
-    g = np.asarray(got, np.float64)
-    r = np.asarray(ref, np.float64)
-    for rtol, atol in ladder:  # margin: must pass at a third of the recorded tolerance
-        if np.allclose(g, r, rtol=rtol / 3, atol=atol / 3):
-            return {"rtol": rtol, "atol": atol}
-    raise AssertionError(f"ORT vs Keras mismatch: max abs err {np.max(np.abs(g - r))}")
+def ladder_note(ort_version, label, err, fp16):
+    return (f"ORT CPU {ort_version} vs {label} max abs err {err:.3g}; tolerance = tightest of a "
+            f"{'fp16' if fp16 else 'fp32'} ladder passing at 1/3 of itself.")
 
 
-def op_summary(m):
-    ops = {}
-    for n in m.graph.node:
-        ops[n.op_type] = ops.get(n.op_type, 0) + 1
-    return ops
-
-
-def first_lines(exc, n=3):
-    msg = re.sub(r"\x1b\[[0-9;]*m", "", f"{type(exc).__name__}: {exc}")
-    lines = [ln for ln in msg.splitlines() if ln.strip()]
-    return "\n".join(lines[:n])
+def exporter_of(route, vers):
+    return {"name": "jax2onnx", "version": vers["jax2onnx"]}
 
 
 # --------------------------------------------------------------------------- main
 
 def generate(name, sp, out_dir, seed, vers):
-    keras.backend.clear_session()
-    keras.config.set_dtype_policy(sp["policy"])
-    try:
-        keras.utils.set_random_seed(seed)
-        model = sp["build"]()
-    finally:
-        keras.config.set_dtype_policy("float32")
-    rng = np.random.default_rng(seed)
+    model, rng = common.build_seeded_keras(keras, sp, seed)
     dummy = np.zeros((1,) + tuple(d if d is not None else 8 for d in model.inputs[0].shape[1:]), "float32")
     model(dummy, training=False)
     set_weights(model, rng, sp["initial"])
@@ -325,122 +254,18 @@ def generate(name, sp, out_dir, seed, vers):
         kw["opset_version"] = sp["opset"]
     model.export(str(path), format="onnx", verbose=False, **kw)
 
-    m = onnx.load(str(path))
-    notes = [sp["notes"]]
-    try:
-        onnx.checker.check_model(m, full_check=True)
-    except Exception as e:  # record, do not hide
-        notes.append(f"onnx.checker full_check FAILED: {first_lines(e, 1)}")
-        print(f"WARN {name}: checker failed: {first_lines(e, 1)}", flush=True)
-    used = {i for n in m.graph.node for i in n.input}
-    unused = [t.name for t in m.graph.initializer if t.name not in used]
-    if unused:
-        notes.append(f"jax2onnx leaves unused initializer(s) {unused} (ORT warns and removes them).")
-    opset = next(o.version for o in m.opset_import if o.domain in ("", "ai.onnx"))
-    ins, outs = value_info(m.graph.input), value_info(m.graph.output)
-    assert len(ins) == 1 and len(outs) == 1, (ins, outs)
-    y = y.astype(outs[0]["dtype"])
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
-    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    got = sess.run(None, {ins[0]["name"]: x})[0]
-    assert got.dtype == y.dtype and got.shape == y.shape, (got.dtype, y.dtype, got.shape, y.shape)
-    tol = choose_tol(got, y, outs[0]["dtype"])
-    for shp in sp["extra_shapes"]:  # dynamic dims really dynamic
-        xe = rng.standard_normal(shp).astype("float32")
-        ye = np.asarray(model(xe, training=False)).astype(outs[0]["dtype"])
-        ge = sess.run(None, {ins[0]["name"]: xe})[0]
-        np.testing.assert_allclose(ge.astype(np.float64), ye.astype(np.float64), rtol=tol["rtol"], atol=tol["atol"])
-    if sp["extra_shapes"]:
-        notes.append(f"ORT also matches Keras for input shapes {[list(s) for s in sp['extra_shapes']]}.")
-    err = float(np.max(np.abs(got.astype(np.float64) - y.astype(np.float64))))
-    notes.append(f"ORT CPU {vers.get('onnxruntime')} vs Keras max abs err {err:.3g}; tolerance = tightest of a "
-                 f"{'fp16' if outs[0]['dtype'] == 'float16' else 'fp32'} ladder passing at 1/3 of itself.")
-    save_npz(out_dir / SUBDIR / f"{name}.npz", [x], [y])
-
-    layers = gn_layers(model)
-    entry = {
-        "name": name,
-        "file": f"{SUBDIR}/{name}.onnx",
-        "data": f"{SUBDIR}/{name}.npz",
-        "route": ROUTE,
-        "pattern_family": FAMILY,
-        "exporter": {"name": "jax2onnx", "version": vers["jax2onnx"]},
-        "frameworks": vers,
-        "python": platform.python_version(),
-        "opset": int(opset),
-        "dtype_policy": sp["policy"],
-        "inputs": ins,
-        "outputs": outs,
-        "expected_group_norms": len(layers),
-        "layers": layers,
-        "negative": False,
-        "hand_built": False,
-        "weights": "initial" if sp["initial"] == "all" else "random",
-        "tolerance": tol,
-        "notes": " ".join(n for n in notes if n),
-    }
-    return entry, op_summary(m), path.stat().st_size
+    entry = common.record_framework_model(
+        name, dict(sp, initial=sp["initial"] == "all"), x, y, path, predict=lambda a: model(a, training=False),
+        rng=rng, vers=vers, route=ROUTE, family=FAMILY, exporter=exporter_of(ROUTE, vers), layers=gn_layers(model),
+        dtype_policy=sp["policy"], graph_notes=unused_initializers, tol_note=ladder_note)
+    if sp["expect_fail"]:
+        print(f"NOTE {name}: expected to fail but exported fine", flush=True)
+    return entry
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default=str(MODELS_DIR))
-    ap.add_argument("--only", nargs="+", default=None)
-    args = ap.parse_args(argv)
-    out_dir = pathlib.Path(args.out).resolve()
-    default_out = out_dir == MODELS_DIR.resolve()
-    names = list(SPECS)
-    if args.only:
-        unknown = [n for n in args.only if n not in SPECS]
-        if unknown:
-            ap.error(f"unknown names: {unknown}; known: {names}")
-        names = args.only
-    vers = versions()
-    models, failures = [], []
-    for idx, name in enumerate(SPECS):
-        if name not in names:
-            continue
-        sp = SPECS[name]
-        seed = 1000 + idx
-        try:
-            entry, ops, size = generate(name, sp, out_dir, seed, vers)
-        except Exception as e:
-            for ext in (".onnx", ".npz"):
-                (out_dir / SUBDIR / f"{name}{ext}").unlink(missing_ok=True)
-            print(f"FAIL {name}: {first_lines(e, 2)}", flush=True)
-            if not sp["expect_fail"]:
-                traceback.print_exc()
-            failures.append({
-                "route": ROUTE, "name": name, "config": sp["notes"],
-                "exporter": {"name": "jax2onnx", "version": vers["jax2onnx"]},
-                "frameworks": vers, "python": platform.python_version(),
-                "error": first_lines(e, 4), "expected": bool(sp["expect_fail"]),
-            })
-            continue
-        if sp["expect_fail"]:
-            print(f"NOTE {name}: expected to fail but exported fine", flush=True)
-        models.append(entry)
-        print(f"ok   {name}: opset {entry['opset']}, {size} B, tol {entry['tolerance']}, ops {json.dumps(ops, sort_keys=True)}",
-              flush=True)
-    if default_out:
-        if args.only and MANIFEST.exists():  # keep this script's other entries
-            data = json.loads(MANIFEST.read_text(encoding="utf-8"))
-            done = {m["name"] for m in models} | {f["name"] for f in failures}
-            regenerated = set(names)
-            keep_m = [m for m in data.get("models", []) if m.get("generator") == GENERATOR
-                      and m["name"] not in regenerated and m["name"] not in done]
-            keep_f = [f for f in data.get("failures", []) if f.get("generator") == GENERATOR
-                      and f.get("name") not in regenerated and f.get("name") not in done]
-            models, failures = keep_m + models, keep_f + failures
-        update_manifest(GENERATOR, models, failures)
-        print(f"manifest updated: {len(models)} models, {len(failures)} failures")
-    unexpected = [f["name"] for f in failures if not f["expected"]]
-    if unexpected:
-        print(f"UNEXPECTED failures: {unexpected}")
-        return 1
-    return 0
+    return common.run_specs(GENERATOR, SPECS, generate, seed_base=1000, packages=PACKAGES, exporter_of=exporter_of,
+                            subdir_of=lambda name: SUBDIR, argv=argv, description=__doc__.splitlines()[0])
 
 
 if __name__ == "__main__":

@@ -36,17 +36,9 @@ written there and the manifest is left alone. Failed exports are recorded as ``f
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import pathlib
-import platform
-import re
-import subprocess
 import sys
-import tempfile
-import traceback
-from importlib import metadata
 
 os.environ["KERAS_BACKEND"] = "tensorflow"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -55,13 +47,11 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from _manifest import MANIFEST, MODELS_DIR, save_npz, update_manifest  # noqa: E402
+import _common as common  # noqa: E402
 
 import tensorflow as tf  # noqa: E402
 import keras  # noqa: E402
 import tf2onnx  # noqa: E402
-import onnx  # noqa: E402
-import onnxruntime as ort  # noqa: E402
 
 tf.get_logger().setLevel("ERROR")
 
@@ -69,17 +59,7 @@ GENERATOR = pathlib.Path(__file__).name
 SUBDIR = "keras_tf"
 L = keras.layers
 
-ONNX_DTYPES = {1: "float32", 10: "float16", 11: "float64", 7: "int64", 6: "int32", 16: "bfloat16"}
-
-
-def versions() -> dict:
-    out = {}
-    for pkg in ("keras", "tensorflow", "tf2onnx", "onnx", "onnxruntime", "numpy", "protobuf", "keras-hub"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            pass
-    return out
+PACKAGES = ("keras", "tensorflow", "tf2onnx", "onnx", "onnxruntime", "numpy", "protobuf", "keras-hub")
 
 
 # --------------------------------------------------------------------------- model builders
@@ -177,15 +157,14 @@ SPECS: dict[str, dict] = {}
 E, F, C = "keras_export_tf", "tf2onnx_from_keras", "tf2onnx_cli_savedmodel"
 
 
+# signature: batch: [None, ...static]; static: data_shape; keras: Input's shape. opset None = the exporter's
+# default (15).
+SPEC_DEFAULTS = dict(policy="float32", opset=None, initial=False, notes="", extra_shapes=[], expect_fail=False,
+                     signature="batch")
+
+
 def spec(name, build, data_shape, route, **kw):
-    kw.setdefault("policy", "float32")
-    kw.setdefault("opset", None)           # None = the exporter's default (15)
-    kw.setdefault("initial", False)
-    kw.setdefault("notes", "")
-    kw.setdefault("extra_shapes", [])
-    kw.setdefault("expect_fail", False)
-    kw.setdefault("signature", "batch")    # batch: [None, ...static]; static: data_shape; keras: Input's shape
-    SPECS[name] = dict(build=build, data_shape=data_shape, route=route, **kw)
+    common.add_spec(SPECS, name, build, data_shape, SPEC_DEFAULTS, route=route, **kw)
 
 
 # ---- keras_export_tf: model.export(format="onnx")
@@ -334,77 +313,19 @@ def all_layers(model):
 
 
 def set_weights(model, rng, initial):
-    for layer in all_layers(model):
-        is_norm = isinstance(layer, L.GroupNormalization)
-        if is_norm and initial:
-            continue
-        for v in layer._trainable_variables + layer._non_trainable_variables:
-            shape = tuple(v.shape)
-            vname = v.name.split("/")[-1]
-            if is_norm and vname == "gamma":
-                val = 1.0 + 0.5 * rng.standard_normal(shape)
-            elif is_norm and vname == "beta":
-                val = 0.5 * rng.standard_normal(shape)
-            elif vname == "bias":
-                val = 0.2 * rng.standard_normal(shape)
-            else:
-                fan_in = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
-                val = rng.standard_normal(shape) / np.sqrt(max(fan_in, 1))
-            v.assign(val.astype(v.dtype))
+    common.set_seeded_weights(
+        all_layers(model), rng, weights=lambda layer: layer._trainable_variables + layer._non_trainable_variables,
+        vname=lambda v: v.name.split("/")[-1], is_norm=lambda layer: isinstance(layer, L.GroupNormalization),
+        skip=lambda layer, norm: norm and initial, assign=common.assign_each)
 
 
 def gn_layers(model):
-    out = []
-    for layer in all_layers(model):
-        if isinstance(layer, L.GroupNormalization):
-            spec_ = layer.input_spec  # set by build(): InputSpec(ndim, axes={axis: C})
-            out.append({
-                "groups": int(getattr(layer, "_configured_groups", layer.groups)), "axis": int(layer.axis),
-                "epsilon": float(layer.epsilon), "center": bool(layer.center), "scale": bool(layer.scale),
-                "channels": int(spec_.axes[layer.axis]), "input_rank": int(spec_.ndim),
-                "dtype_policy": layer.dtype_policy.name,
-            })
-    return out
-
-
-def value_info(vis):
-    res = []
-    for vi in vis:
-        tt = vi.type.tensor_type
-        dims = []
-        for d in tt.shape.dim:
-            if d.HasField("dim_value"):
-                dims.append(int(d.dim_value))
-            elif d.HasField("dim_param"):
-                dims.append(d.dim_param)
-            else:
-                dims.append(None)
-        res.append({"name": vi.name, "shape": dims, "dtype": ONNX_DTYPES.get(tt.elem_type, str(tt.elem_type))})
-    return res
-
-
-def choose_tol(got, ref, dtype):
-    ladder = [(1e-5, 1e-5), (1e-4, 1e-4), (1e-3, 1e-3)] if dtype != "float16" else \
-        [(1e-3, 1e-3), (3e-3, 3e-3), (1e-2, 1e-2), (3e-2, 3e-2)]
-    g = np.asarray(got, np.float64)
-    r = np.asarray(ref, np.float64)
-    for rtol, atol in ladder:  # margin: must pass at a third of the recorded tolerance
-        if np.allclose(g, r, rtol=rtol / 3, atol=atol / 3):
-            return {"rtol": rtol, "atol": atol}
-    raise AssertionError(f"ORT vs Keras mismatch: max abs err {np.max(np.abs(g - r))}")
-
-
-def op_summary(m):
-    ops = {}
-    for n in m.graph.node:
-        ops[n.op_type] = ops.get(n.op_type, 0) + 1
-    return ops
-
-
-def first_lines(exc, n=3):
-    msg = re.sub(r"\x1b\[[0-9;]*m", "", f"{type(exc).__name__}: {exc}")
-    lines = [ln for ln in msg.splitlines() if ln.strip()]
-    return "\n".join(lines[:n])
+    # input_spec is set by build(): InputSpec(ndim, axes={axis: C})
+    return [common.layer_record(
+        groups=getattr(layer, "_configured_groups", layer.groups), axis=layer.axis, epsilon=layer.epsilon,
+        center=layer.center, scale=layer.scale, channels=layer.input_spec.axes[layer.axis],
+        input_rank=layer.input_spec.ndim, dtype_policy=layer.dtype_policy.name)
+        for layer in all_layers(model) if isinstance(layer, L.GroupNormalization)]
 
 
 def exporter_of(route, vers):
@@ -428,16 +349,7 @@ def signature(model, sp):
 def export(model, sp, path):
     route, opset = sp["route"], sp["opset"]
     if route == C:
-        with tempfile.TemporaryDirectory(prefix="ktfsm_") as d:
-            sm = os.path.join(d, "sm")
-            model.export(sm, format="tf_saved_model", verbose=False)
-            cmd = [sys.executable, "-m", "tf2onnx.convert", "--saved-model", sm, "--output", str(path)]
-            if opset is not None:
-                cmd += ["--opset", str(opset)]
-            p = subprocess.run(cmd, capture_output=True, text=True)
-            if p.returncode != 0:
-                tail = [ln for ln in p.stderr.splitlines() if ln.strip()][-3:]
-                raise RuntimeError("tf2onnx CLI failed: " + " | ".join(tail))
+        common.tf2onnx_cli_export(model, path, opset, prefix="ktfsm_", verbose=False)
     elif route == F:
         kw = {} if opset is None else {"opset": opset}
         tf2onnx.convert.from_keras(model, input_signature=tuple(signature(model, sp)), output_path=str(path), **kw)
@@ -449,134 +361,22 @@ def export(model, sp, path):
 
 # --------------------------------------------------------------------------- main
 
-def check_and_record(name, sp, model, x, y, path, vers, rng, out_dir):
-    m = onnx.load(str(path))
-    notes = [sp["notes"]]
-    try:
-        onnx.checker.check_model(m, full_check=True)
-    except Exception as e:  # record, do not hide
-        notes.append(f"onnx.checker full_check FAILED: {first_lines(e, 1)}")
-        print(f"WARN {name}: checker failed: {first_lines(e, 1)}", flush=True)
-    opset = next(o.version for o in m.opset_import if o.domain in ("", "ai.onnx"))
-    ins, outs = value_info(m.graph.input), value_info(m.graph.output)
-    assert len(ins) == 1 and len(outs) == 1, (ins, outs)
-    y = y.astype(outs[0]["dtype"])
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
-    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    got = sess.run(None, {ins[0]["name"]: x})[0]
-    assert got.dtype == y.dtype and got.shape == y.shape, (got.dtype, y.dtype, got.shape, y.shape)
-    tol = choose_tol(got, y, outs[0]["dtype"])
-    for shp in sp["extra_shapes"]:  # dynamic dims really dynamic
-        xe = rng.standard_normal(shp).astype("float32")
-        ye = np.asarray(model(xe, training=False)).astype(outs[0]["dtype"])
-        ge = sess.run(None, {ins[0]["name"]: xe})[0]
-        np.testing.assert_allclose(ge.astype(np.float64), ye.astype(np.float64), rtol=tol["rtol"], atol=tol["atol"])
-    if sp["extra_shapes"]:
-        notes.append(f"ORT also matches Keras for input shapes {[list(s) for s in sp['extra_shapes']]}.")
-    err = float(np.max(np.abs(got.astype(np.float64) - y.astype(np.float64))))
-    fp16 = outs[0]["dtype"] == "float16"
-    notes.append(f"ORT CPU {vers.get('onnxruntime')} vs Keras max abs err {err:.3g}; tolerance = tightest of "
-                 + ("an fp16 ladder (1e-3, 3e-3, 1e-2, 3e-2)" if fp16 else "an fp32 ladder (1e-5, 1e-4, 1e-3)")
-                 + " passing at 1/3 of itself" + (" (TF CPU and ORT round f16 intermediates differently)." if fp16 else "."))
-    save_npz(out_dir / SUBDIR / f"{name}.npz", [x], [y])
-    layers = gn_layers(model)
-    entry = {
-        "name": name,
-        "file": f"{SUBDIR}/{name}.onnx",
-        "data": f"{SUBDIR}/{name}.npz",
-        "route": sp["route"],
-        "pattern_family": FAMILY,
-        "exporter": exporter_of(sp["route"], vers),
-        "frameworks": vers,
-        "python": platform.python_version(),
-        "opset": int(opset),
-        "dtype_policy": sp["policy"],
-        "inputs": ins,
-        "outputs": outs,
-        "expected_group_norms": len(layers),
-        "layers": layers,
-        "negative": False,
-        "hand_built": False,
-        "weights": "initial" if sp["initial"] else "random",
-        "tolerance": tol,
-        "notes": " ".join(n for n in notes if n),
-    }
-    return entry, op_summary(m), path.stat().st_size
-
-
 def generate(name, sp, out_dir, seed, vers):
-    keras.backend.clear_session()
-    keras.config.set_dtype_policy(sp["policy"])
-    try:
-        keras.utils.set_random_seed(seed)
-        model = sp["build"]()
-    finally:
-        keras.config.set_dtype_policy("float32")
-    rng = np.random.default_rng(seed)
+    model, rng = common.build_seeded_keras(keras, sp, seed)
     set_weights(model, rng, sp["initial"])
     x = rng.standard_normal(sp["data_shape"]).astype("float32")
     y = np.asarray(model(x, training=False))
     path = out_dir / SUBDIR / f"{name}.onnx"
     path.parent.mkdir(parents=True, exist_ok=True)
     export(model, sp, path)
-    return check_and_record(name, sp, model, x, y, path, vers, rng, out_dir)
+    return common.record_framework_model(
+        name, sp, x, y, path, predict=lambda a: model(a, training=False), rng=rng, vers=vers, route=sp["route"],
+        family=FAMILY, exporter=exporter_of(sp["route"], vers), layers=gn_layers(model), dtype_policy=sp["policy"])
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default=str(MODELS_DIR))
-    ap.add_argument("--only", nargs="+", default=None)
-    args = ap.parse_args(argv)
-    out_dir = pathlib.Path(args.out).resolve()
-    default_out = out_dir == MODELS_DIR.resolve()
-    names = list(SPECS)
-    if args.only:
-        unknown = [n for n in args.only if n not in SPECS]
-        if unknown:
-            ap.error(f"unknown names: {unknown}; known: {names}")
-        names = args.only
-    vers = versions()
-    models, failures = [], []
-    for idx, name in enumerate(SPECS):
-        if name not in names:
-            continue
-        sp = SPECS[name]
-        try:
-            entry, ops, size = generate(name, sp, out_dir, 7000 + idx, vers)
-        except Exception as e:
-            for ext in (".onnx", ".npz"):
-                (out_dir / SUBDIR / f"{name}{ext}").unlink(missing_ok=True)
-            print(f"FAIL {name}: {first_lines(e, 2)}", flush=True)
-            if not sp["expect_fail"]:
-                traceback.print_exc()
-            failures.append({
-                "route": sp["route"], "name": name, "config": sp["notes"],
-                "exporter": exporter_of(sp["route"], vers),
-                "frameworks": vers, "python": platform.python_version(),
-                "error": first_lines(e, 4), "expected": bool(sp["expect_fail"]),
-            })
-            continue
-        models.append(entry)
-        print(f"ok   {name}: opset {entry['opset']}, {size} B, GN {entry['expected_group_norms']}, "
-              f"tol {entry['tolerance']}, ops {json.dumps(ops, sort_keys=True)}", flush=True)
-    if default_out:
-        if args.only and MANIFEST.exists():  # keep this script's other entries
-            data = json.loads(MANIFEST.read_text(encoding="utf-8"))
-            regenerated = set(names)
-            keep_m = [m for m in data.get("models", []) if m.get("generator") == GENERATOR
-                      and m["name"] not in regenerated]
-            keep_f = [f for f in data.get("failures", []) if f.get("generator") == GENERATOR
-                      and f.get("name") not in regenerated]
-            models, failures = keep_m + models, keep_f + failures
-        update_manifest(GENERATOR, models, failures)
-        print(f"manifest updated: {len(models)} models, {len(failures)} failures")
-    unexpected = [f["name"] for f in failures if not f["expected"]]
-    if unexpected:
-        print(f"UNEXPECTED failures: {unexpected}")
-        return 1
-    return 0
+    return common.run_specs(GENERATOR, SPECS, generate, seed_base=7000, packages=PACKAGES, exporter_of=exporter_of,
+                            subdir_of=lambda name: SUBDIR, argv=argv)
 
 
 if __name__ == "__main__":

@@ -30,12 +30,10 @@ Options: ``--out DIR`` (write there and leave the manifest alone), ``--only NAME
 
 from __future__ import annotations
 
-import argparse
 import os
 import pathlib
 import sys
 import tempfile
-import traceback
 import warnings
 
 os.environ["KERAS_BACKEND"] = "torch"
@@ -43,7 +41,7 @@ os.environ["KERAS_BACKEND"] = "torch"
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from _manifest import MODELS_DIR, save_npz, update_manifest  # noqa: E402
+import _common as common  # noqa: E402
 
 import keras  # noqa: E402
 import onnx  # noqa: E402
@@ -312,49 +310,8 @@ def check_exporter_path(cfg, m):
                            f"exporter's output (ops={sorted(ops)}, Reshape allowzero={reshape_allowzero})")
 
 
-# Floors (1e-5 fp32, 3e-3 fp16, i.e. a few fp16 ulps): ORT often matches Keras to ~1e-6 here, but a fused
-# GroupNormalization computes the variance as E[(x-m)^2] instead of torch's E[x^2]-m^2 and must not be
-# rejected on float rounding alone.
-TOL_LADDER = {"float32": [1e-5, 3e-5, 1e-4, 3e-4, 1e-3],
-              "float16": [3e-3, 1e-2, 3e-2, 1e-1]}
-
-
-def pick_tolerance(ref, got, kind):
-    ref = ref.astype(np.float64)
-    got = got.astype(np.float64)
-    err = np.abs(ref - got)
-    for t in TOL_LADDER[kind]:
-        # margin x3: the recorded tolerance passes even with three times the observed error
-        if np.all(3 * err <= t + t * np.abs(ref)):
-            return t, float(err.max())
-    raise RuntimeError(f"onnxruntime vs framework: max abs err {err.max():.3g} beyond the {kind} ladder")
-
-
-def dim_json(d):
-    if d.HasField("dim_value"):
-        return int(d.dim_value)
-    if d.HasField("dim_param"):
-        return d.dim_param
-    return None
-
-
-def io_json(vis):
-    out = []
-    for vi in vis:
-        tt = vi.type.tensor_type
-        out.append({"name": vi.name, "shape": [dim_json(d) for d in tt.shape.dim],
-                    "dtype": onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type).name})
-    return out
-
-
-def default_opset(m):
-    return next(o.version for o in m.opset_import if o.domain in ("", "ai.onnx"))
-
-
-def config_text(cfg):
-    keys = ("rank", "fmt", "channels", "groups", "eps", "center", "scale", "policy", "body", "dyn", "opset",
-            "weights")
-    return ", ".join(f"{k}={cfg[k]}" for k in keys)
+CONFIG_KEYS = ("rank", "fmt", "channels", "groups", "eps", "center", "scale", "policy", "body", "dyn", "opset",
+               "weights")
 
 
 def generate(cfg, out_dir):
@@ -384,26 +341,19 @@ def generate(cfg, out_dir):
     onnx.checker.check_model(m, full_check=True)
 
     y = keras.ops.convert_to_numpy(model(x, training=False))
-    out_dtype = onnx.helper.tensor_dtype_to_np_dtype(m.graph.output[0].type.tensor_type.elem_type)
-    y = y.astype(out_dtype)
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    got = sess.run(None, {sess.get_inputs()[0].name: x})[0]
-    if got.shape != y.shape:
-        raise RuntimeError(f"onnxruntime output shape {got.shape} != Keras {y.shape}")
-    kind = "float16" if out_dtype == np.float16 else "float32"
-    tol, maxerr = pick_tolerance(y, got, kind)
-    save_npz(path.with_suffix(".npz"), [x], [y])
+    y, tol, maxerr, kind = common.check_against_reference(path, m, x, y, "Keras")
+    common.save_npz(path.with_suffix(".npz"), [x], [y])
 
     # groups as configured (-1 kept; Keras resolves it to C)
-    layers = [{"groups": cfg["groups"], "axis": 1 if cfg["fmt"] == "channels_first" else -1,
-               "epsilon": float(l.epsilon), "center": bool(l.center), "scale": bool(l.scale),
-               "channels": cfg["channels"], "input_rank": cfg["rank"], "dtype_policy": cfg["policy"]}
+    layers = [common.layer_record(groups=cfg["groups"], axis=1 if cfg["fmt"] == "channels_first" else -1,
+                                  epsilon=l.epsilon, center=l.center, scale=l.scale, channels=cfg["channels"],
+                                  input_rank=cfg["rank"], dtype_policy=cfg["policy"])
               for l in gn_layers(model)]
     neg = cfg["negative"]
-    notes = [f"config: {config_text(cfg)}.",
+    notes = [f"config: {common.config_text(cfg, CONFIG_KEYS)}.",
              f"Keras model(x, training=False) on CPU gives the expected output; ORT CPU max abs err "
              f"{maxerr:.3g}; tolerance (rtol=atol) = tightest of the {kind} ladder "
-             f"{TOL_LADDER[kind]} that passes with 3x margin (the floor leaves room for a fused GN's "
+             f"{common.TOL_LADDER[kind]} that passes with 3x margin (the floor leaves room for a fused GN's "
              f"different variance rounding)."]
     if cfg["route"] == KT:
         notes.append("model.export default signature: batch dim exported dynamic ('batch'), traced with "
@@ -422,72 +372,30 @@ def generate(cfg, out_dir):
         notes.append("negative: keras BatchNormalization (inference, random moving stats); not a GroupNormalization.")
     if cfg["notes"]:
         notes.append(cfg["notes"])
-    return {
-        "name": name,
-        "file": f"{SUBDIR}/{name}.onnx",
-        "data": f"{SUBDIR}/{name}.npz",
-        "route": cfg["route"],
-        "pattern_family": "negative" if neg else ROUTE_FAMILY[cfg["route"]],
-        "exporter": {"name": EXPORTER[cfg["route"]],
-                     "version": f"torch {torch.__version__}" + (f", keras {keras.__version__}"
-                                                                if cfg["route"] in (KT, KD) else "")},
-        "frameworks": dict(FRAMEWORKS),
-        "python": PYTHON,
-        "opset": default_opset(m),
-        "dtype_policy": cfg["policy"],
-        "inputs": io_json(m.graph.input),
-        "outputs": io_json(m.graph.output),
-        "expected_group_norms": 0 if neg else len(layers),
-        "layers": [] if neg else layers,
-        "negative": bool(neg),
-        "hand_built": False,
-        "weights": cfg["weights"],
-        "tolerance": {"rtol": tol, "atol": tol},
-        "notes": " ".join(notes),
-    }
+    return common.manifest_entry(
+        name=name, subdir=SUBDIR, route=cfg["route"], family="negative" if neg else ROUTE_FAMILY[cfg["route"]],
+        exporter={"name": EXPORTER[cfg["route"]],
+                  "version": f"torch {torch.__version__}" + (f", keras {keras.__version__}"
+                                                             if cfg["route"] in (KT, KD) else "")},
+        frameworks=dict(FRAMEWORKS), python=PYTHON, opset=common.default_opset(m), dtype_policy=cfg["policy"],
+        inputs=common.io_json(m.graph.input), outputs=common.io_json(m.graph.output), layers=layers, negative=neg,
+        weights=cfg["weights"], tolerance={"rtol": tol, "atol": tol}, notes=notes)
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=pathlib.Path, default=MODELS_DIR)
-    ap.add_argument("--only", nargs="+", default=None)
-    args = ap.parse_args(argv)
-    out_dir = args.out.resolve()
-    cfgs = CONFIGS
-    if args.only:
-        unknown = set(args.only) - {c["name"] for c in CONFIGS}
-        if unknown:
-            ap.error(f"unknown names: {sorted(unknown)}")
-        cfgs = [c for c in CONFIGS if c["name"] in args.only]
-    models, failures = [], []
-    for cfg in cfgs:
-        try:
-            entry = generate(cfg, out_dir)
-            models.append(entry)
-            print(f"ok   {cfg['name']}  opset={entry['opset']} tol={entry['tolerance']['atol']}", flush=True)
-        except Exception as e:  # noqa: BLE001 - every failing route is recorded
-            msg = "".join(traceback.format_exception_only(type(e), e)).strip()
-            lines = [ln for ln in msg.splitlines() if ln.strip()][:3]
-            for p in (out_dir / SUBDIR / f"{cfg['name']}.onnx", out_dir / SUBDIR / f"{cfg['name']}.npz"):
-                p.unlink(missing_ok=True)
-            failures.append({"route": cfg["route"], "name": cfg["name"], "config": config_text(cfg),
-                             "exporter": {"name": EXPORTER[cfg["route"]],
-                                          "version": f"torch {torch.__version__}, keras {keras.__version__}"},
-                             "frameworks": dict(FRAMEWORKS), "error": "\n".join(lines)[:1000]})
-            print(f"FAIL {cfg['name']}: {lines[0][:300] if lines else type(e).__name__}", flush=True)
-    if out_dir == MODELS_DIR.resolve():
-        if args.only:
-            # keep the entries of the configurations not regenerated this time
-            import json
-            from _manifest import MANIFEST
-            if MANIFEST.exists():
-                data = json.loads(MANIFEST.read_text())
-                done = {c["name"] for c in cfgs}
-                models += [m for m in data["models"] if m.get("generator") == SCRIPT and m["name"] not in done]
-                failures += [f for f in data["failures"] if f.get("generator") == SCRIPT and f["name"] not in done]
-        update_manifest(SCRIPT, models, failures)
-    print(f"{len(models)} models, {len(failures)} failures")
+    by_name = {c["name"]: c for c in CONFIGS}
+
+    def failure(name, e):
+        cfg = by_name[name]
+        return common.failure_entry(
+            route=cfg["route"], name=name, config=common.config_text(cfg, CONFIG_KEYS),
+            exporter={"name": EXPORTER[cfg["route"]], "version": f"torch {torch.__version__}, keras {keras.__version__}"},
+            frameworks=dict(FRAMEWORKS), error="\n".join(common.exception_lines(e))[:1000])
+
+    return common.run_generator(SCRIPT, list(by_name), lambda name, idx, out_dir: generate(by_name[name], out_dir),
+                                failure, subdir_of=lambda name: SUBDIR, argv=argv,
+                                description=__doc__.splitlines()[0])
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

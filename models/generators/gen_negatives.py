@@ -120,13 +120,7 @@ SPECS: dict[str, dict] = {}
 
 
 def spec(name, build, data_shape, **kw):
-    kw.setdefault("policy", "float32")
-    kw.setdefault("opset", 17)
-    kw.setdefault("initial", False)
-    kw.setdefault("notes", "")
-    kw.setdefault("extra_shapes", [])
-    kw.setdefault("expect_fail", False)
-    SPECS[name] = dict(build=build, data_shape=data_shape, route=ROUTE, **kw)
+    k36.common.add_spec(SPECS, name, build, data_shape, k36.SPEC_DEFAULTS, route=ROUTE, **kw)
 
 
 spec("neg_keras36_layernorm_lastaxis",
@@ -170,40 +164,16 @@ spec("neg_keras36_almost_gn_cg_g_split",
 
 # --------------------------------------------------------------------------- generation
 
-def set_weights(model, rng):
-    for layer in model.layers:
-        for v in layer.weights:
-            shape = tuple(v.shape)
-            vname = v.name.split("/")[-1]
-            if vname == "gamma":
-                val = 1.0 + 0.5 * rng.standard_normal(shape)
-            elif vname == "beta":
-                val = 0.5 * rng.standard_normal(shape)
-            elif vname == "moving_mean":
-                val = 0.5 * rng.standard_normal(shape)
-            elif vname == "moving_variance":
-                val = rng.uniform(0.5, 1.5, shape)
-            elif vname == "bias":
-                val = 0.2 * rng.standard_normal(shape)
-            else:
-                fan_in = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
-                val = rng.standard_normal(shape) / np.sqrt(max(fan_in, 1))
-            v.assign(val.astype(v.dtype))
-
-
 def generate(name, sp, out_dir, seed, vers):
-    keras.backend.clear_session()
-    keras.utils.set_random_seed(seed)
-    model = sp["build"]()
-    rng = np.random.default_rng(seed)
-    set_weights(model, rng)
+    model, rng = k36.common.build_seeded_keras(keras, sp, seed)
+    # every gamma/beta is a norm parameter here; BN moving statistics random too
+    k36.set_weights(model, rng, False, is_norm=lambda layer: True, bn_stats=True)
     x = rng.standard_normal(sp["data_shape"]).astype("float32")
     y = np.asarray(model(x, training=False))
     path = out_dir / SUBDIR / f"{name}.onnx"
     path.parent.mkdir(parents=True, exist_ok=True)
     k36.export(model, sp["route"], path, sp["opset"], sp["data_shape"])
-    return k36.check_and_record(name, sp, model, x, y, path, out_dir, SUBDIR, vers, rng,
-                                negative=True, family="negative", layers=[])
+    return k36.check_and_record(name, sp, model, x, y, path, vers, rng, negative=True, family="negative", layers=[])
 
 
 def main(argv=None):

@@ -30,15 +30,10 @@ Failed exports are recorded as ``failures``.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import pathlib
-import platform
 import re
 import sys
-import traceback
-from importlib import metadata
 
 os.environ["TF_USE_LEGACY_KERAS"] = "1"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -47,13 +42,11 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from _manifest import MANIFEST, MODELS_DIR, save_npz, update_manifest  # noqa: E402
+import _common as common  # noqa: E402
 
 import tensorflow as tf  # noqa: E402
 import tf_keras  # noqa: E402
 import tf2onnx  # noqa: E402
-import onnx  # noqa: E402
-import onnxruntime as ort  # noqa: E402
 
 tf.get_logger().setLevel("ERROR")
 
@@ -62,17 +55,7 @@ ROUTE = "tf_keras_from_keras"
 FAMILY = "tf_keras-weighted-moments"
 L = tf_keras.layers
 
-ONNX_DTYPES = {1: "float32", 10: "float16", 11: "float64", 7: "int64", 6: "int32", 16: "bfloat16"}
-
-
-def versions() -> dict:
-    out = {}
-    for pkg in ("tf_keras", "tensorflow", "tf2onnx", "onnx", "onnxruntime", "numpy", "protobuf"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            pass
-    return out
+PACKAGES = ("tf_keras", "tensorflow", "tf2onnx", "onnx", "onnxruntime", "numpy", "protobuf")
 
 
 # --------------------------------------------------------------------------- model builders
@@ -106,16 +89,12 @@ def conv_ln(shape, ch):
 SPECS: dict[str, dict] = {}
 
 
+SPEC_DEFAULTS = dict(opset=17, static_batch=False, initial=False, notes="", extra_shapes=[], expect_fail=False,
+                     negative=False, subdir="tf_keras", route=ROUTE)
+
+
 def spec(name, build, data_shape, **kw):
-    kw.setdefault("opset", 17)
-    kw.setdefault("static_batch", False)
-    kw.setdefault("initial", False)
-    kw.setdefault("notes", "")
-    kw.setdefault("extra_shapes", [])
-    kw.setdefault("expect_fail", False)
-    kw.setdefault("negative", False)
-    kw.setdefault("subdir", "tf_keras")
-    SPECS[name] = dict(build=build, data_shape=data_shape, **kw)
+    common.add_spec(SPECS, name, build, data_shape, SPEC_DEFAULTS, **kw)
 
 
 spec("tf_keras_from_keras_nhwc_r4_g4",
@@ -169,28 +148,11 @@ spec("neg_tf_keras_from_keras_layernorm_lastaxis",
 # --------------------------------------------------------------------------- helpers
 
 def set_weights(model, rng, initial):
-    for layer in model.layers:
-        ws = layer.weights
-        if not ws:
-            continue
-        is_norm = isinstance(layer, (L.GroupNormalization, L.LayerNormalization))
-        if is_norm and initial:
-            continue
-        new = []
-        for v in ws:
-            shape = tuple(v.shape)
-            vname = v.name.split("/")[-1].split(":")[0]
-            if is_norm and vname == "gamma":
-                val = 1.0 + 0.5 * rng.standard_normal(shape)
-            elif is_norm and vname == "beta":
-                val = 0.5 * rng.standard_normal(shape)
-            elif vname == "bias":
-                val = 0.2 * rng.standard_normal(shape)
-            else:
-                fan_in = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
-                val = rng.standard_normal(shape) / np.sqrt(max(fan_in, 1))
-            new.append(val.astype(v.dtype.as_numpy_dtype))
-        layer.set_weights(new)
+    common.set_seeded_weights(
+        model.layers, rng, weights=lambda layer: layer.weights, vname=lambda v: v.name.split("/")[-1].split(":")[0],
+        is_norm=lambda layer: isinstance(layer, (L.GroupNormalization, L.LayerNormalization)),
+        skip=lambda layer, norm: norm and initial,
+        assign=lambda layer, pairs: layer.set_weights([val.astype(v.dtype.as_numpy_dtype) for v, val in pairs]))
 
 
 def gn_layers(model, configured):
@@ -200,53 +162,14 @@ def gn_layers(model, configured):
             shp = layer.input_shape
             rank = len(shp)
             axis = layer.axis if layer.axis >= 0 else rank + layer.axis
-            out.append({
-                "groups": int(configured), "axis": int(layer.axis), "epsilon": float(layer.epsilon),
-                "center": bool(layer.center), "scale": bool(layer.scale),
-                "channels": int(shp[axis]), "input_rank": rank,
-                "dtype_policy": layer.dtype_policy.name,
-            })
+            out.append(common.layer_record(
+                groups=configured, axis=layer.axis, epsilon=layer.epsilon, center=layer.center, scale=layer.scale,
+                channels=shp[axis], input_rank=rank, dtype_policy=layer.dtype_policy.name))
     return out
 
 
-def value_info(vis):
-    res = []
-    for vi in vis:
-        tt = vi.type.tensor_type
-        dims = []
-        for d in tt.shape.dim:
-            if d.HasField("dim_value"):
-                dims.append(int(d.dim_value))
-            elif d.HasField("dim_param"):
-                dims.append(d.dim_param)
-            else:
-                dims.append(None)
-        res.append({"name": vi.name, "shape": dims, "dtype": ONNX_DTYPES.get(tt.elem_type, str(tt.elem_type))})
-    return res
-
-
-def choose_tol(got, ref, dtype):
-    ladder = [(1e-5, 1e-5), (1e-4, 1e-4), (1e-3, 1e-3)] if dtype != "float16" else \
-        [(1e-3, 1e-3), (3e-3, 3e-3), (1e-2, 1e-2), (3e-2, 3e-2)]
-    g = np.asarray(got, np.float64)
-    r = np.asarray(ref, np.float64)
-    for rtol, atol in ladder:  # margin: must pass at a third of the recorded tolerance
-        if np.allclose(g, r, rtol=rtol / 3, atol=atol / 3):
-            return {"rtol": rtol, "atol": atol}
-    raise AssertionError(f"ORT vs tf_keras mismatch: max abs err {np.max(np.abs(g - r))}")
-
-
-def op_summary(m):
-    ops = {}
-    for n in m.graph.node:
-        ops[n.op_type] = ops.get(n.op_type, 0) + 1
-    return ops
-
-
-def first_lines(exc, n=3):
-    msg = re.sub(r"\x1b\[[0-9;]*m", "", f"{type(exc).__name__}: {exc}")
-    lines = [ln for ln in msg.splitlines() if ln.strip()]
-    return "\n".join(lines[:n])
+def exporter_of(route, vers):
+    return {"name": "tf2onnx.convert.from_keras", "version": vers["tf2onnx"]}
 
 
 # --------------------------------------------------------------------------- main
@@ -269,59 +192,11 @@ def generate(name, sp, out_dir, seed, vers):
     kw = {} if sp["opset"] is None else {"opset": sp["opset"]}
     tf2onnx.convert.from_keras(model, input_signature=sig, output_path=str(path), **kw)
 
-    m = onnx.load(str(path))
-    notes = [sp["notes"]]
-    try:
-        onnx.checker.check_model(m, full_check=True)
-    except Exception as e:  # record, do not hide
-        notes.append(f"onnx.checker full_check FAILED: {first_lines(e, 1)}")
-        print(f"WARN {name}: checker failed: {first_lines(e, 1)}", flush=True)
-    opset = next(o.version for o in m.opset_import if o.domain in ("", "ai.onnx"))
-    ins, outs = value_info(m.graph.input), value_info(m.graph.output)
-    assert len(ins) == 1 and len(outs) == 1, (ins, outs)
-    y = y.astype(outs[0]["dtype"])
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
-    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    got = sess.run(None, {ins[0]["name"]: x})[0]
-    assert got.dtype == y.dtype and got.shape == y.shape, (got.dtype, y.dtype, got.shape, y.shape)
-    tol = choose_tol(got, y, outs[0]["dtype"])
-    for shp in sp["extra_shapes"]:  # dynamic dims really dynamic
-        xe = rng.standard_normal(shp).astype("float32")
-        ye = np.asarray(model(xe, training=False)).astype(outs[0]["dtype"])
-        ge = sess.run(None, {ins[0]["name"]: xe})[0]
-        np.testing.assert_allclose(ge.astype(np.float64), ye.astype(np.float64), rtol=tol["rtol"], atol=tol["atol"])
-    if sp["extra_shapes"]:
-        notes.append(f"ORT also matches tf_keras for input shapes {[list(s) for s in sp['extra_shapes']]}.")
-    err = float(np.max(np.abs(got.astype(np.float64) - y.astype(np.float64))))
-    notes.append(f"ORT CPU {vers.get('onnxruntime')} vs tf_keras max abs err {err:.3g}; tolerance = tightest of an "
-                 f"fp32 ladder (1e-5, 1e-4, 1e-3) passing at 1/3 of itself.")
-    save_npz(out_dir / sp["subdir"] / f"{name}.npz", [x], [y])
-
-    layers = [] if sp["negative"] else gn_layers(model, _configured_groups(name))
-    entry = {
-        "name": name,
-        "file": f"{sp['subdir']}/{name}.onnx",
-        "data": f"{sp['subdir']}/{name}.npz",
-        "route": ROUTE,
-        "pattern_family": "negative" if sp["negative"] else FAMILY,
-        "exporter": {"name": "tf2onnx.convert.from_keras", "version": vers["tf2onnx"]},
-        "frameworks": vers,
-        "python": platform.python_version(),
-        "opset": int(opset),
-        "dtype_policy": "float32",
-        "inputs": ins,
-        "outputs": outs,
-        "expected_group_norms": 0 if sp["negative"] else len(layers),
-        "layers": layers,
-        "negative": bool(sp["negative"]),
-        "hand_built": False,
-        "weights": "initial" if sp["initial"] else "random",
-        "tolerance": tol,
-        "notes": " ".join(n for n in notes if n),
-    }
-    return entry, op_summary(m), path.stat().st_size
+    return common.record_framework_model(
+        name, sp, x, y, path, predict=lambda a: model(a, training=False), rng=rng, vers=vers, route=ROUTE,
+        family="negative" if sp["negative"] else FAMILY, exporter=exporter_of(ROUTE, vers),
+        layers=[] if sp["negative"] else gn_layers(model, _configured_groups(name)), dtype_policy="float32",
+        negative=sp["negative"], label="tf_keras")
 
 
 def _configured_groups(name):
@@ -331,59 +206,9 @@ def _configured_groups(name):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default=str(MODELS_DIR))
-    ap.add_argument("--only", nargs="+", default=None)
-    args = ap.parse_args(argv)
-    out_dir = pathlib.Path(args.out).resolve()
-    default_out = out_dir == MODELS_DIR.resolve()
-    names = list(SPECS)
-    if args.only:
-        unknown = [n for n in args.only if n not in SPECS]
-        if unknown:
-            ap.error(f"unknown names: {unknown}; known: {names}")
-        names = args.only
-    vers = versions()
-    models, failures = [], []
-    for idx, name in enumerate(SPECS):
-        if name not in names:
-            continue
-        sp = SPECS[name]
-        seed = 3000 + idx
-        try:
-            entry, ops, size = generate(name, sp, out_dir, seed, vers)
-        except Exception as e:
-            for ext in (".onnx", ".npz"):
-                (out_dir / sp["subdir"] / f"{name}{ext}").unlink(missing_ok=True)
-            print(f"FAIL {name}: {first_lines(e, 2)}", flush=True)
-            if not sp["expect_fail"]:
-                traceback.print_exc()
-            failures.append({
-                "route": ROUTE, "name": name, "config": sp["notes"],
-                "exporter": {"name": "tf2onnx.convert.from_keras", "version": vers["tf2onnx"]},
-                "frameworks": vers, "python": platform.python_version(),
-                "error": first_lines(e, 4), "expected": bool(sp["expect_fail"]),
-            })
-            continue
-        models.append(entry)
-        print(f"ok   {name}: opset {entry['opset']}, {size} B, tol {entry['tolerance']}, ops {json.dumps(ops, sort_keys=True)}",
-              flush=True)
-    if default_out:
-        if args.only and MANIFEST.exists():  # keep this script's other entries
-            data = json.loads(MANIFEST.read_text(encoding="utf-8"))
-            regenerated = set(names)
-            keep_m = [m for m in data.get("models", []) if m.get("generator") == GENERATOR
-                      and m["name"] not in regenerated]
-            keep_f = [f for f in data.get("failures", []) if f.get("generator") == GENERATOR
-                      and f.get("name") not in regenerated]
-            models, failures = keep_m + models, keep_f + failures
-        update_manifest(GENERATOR, models, failures)
-        print(f"manifest updated: {len(models)} models, {len(failures)} failures")
-    unexpected = [f["name"] for f in failures if not f["expected"]]
-    if unexpected:
-        print(f"UNEXPECTED failures: {unexpected}")
-        return 1
-    return 0
+    return common.run_specs(GENERATOR, SPECS, generate, seed_base=3000, packages=PACKAGES, exporter_of=exporter_of,
+                            subdir_of=lambda name: SPECS[name]["subdir"], argv=argv,
+                            description=__doc__.splitlines()[0])
 
 
 if __name__ == "__main__":

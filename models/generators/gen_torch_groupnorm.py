@@ -25,18 +25,15 @@ Options: ``--out DIR`` (write there and leave the manifest alone), ``--only NAME
 
 from __future__ import annotations
 
-import argparse
-import json
 import pathlib
 import sys
 import tempfile
-import traceback
 import warnings
 
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from _manifest import MANIFEST, MODELS_DIR, save_npz, update_manifest  # noqa: E402
+import _common as common  # noqa: E402
 
 import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402
@@ -186,36 +183,7 @@ def check_pattern(cfg, m):
         raise RuntimeError(f"expected a {want} node, got ops {sorted(ops)}")
 
 
-# Floors: ORT often matches torch to ~1e-6, but the floor leaves room for a fused GroupNormalization whose
-# reductions round differently; fp16 floor = a few fp16 ulps.
-TOL_LADDER = {"float32": [1e-5, 3e-5, 1e-4, 3e-4, 1e-3], "float16": [3e-3, 1e-2, 3e-2, 1e-1]}
-
-
-def pick_tolerance(ref, got, kind):
-    ref = ref.astype(np.float64)
-    err = np.abs(ref - got.astype(np.float64))
-    for t in TOL_LADDER[kind]:
-        if np.all(3 * err <= t + t * np.abs(ref)):
-            return t, float(err.max())
-    raise RuntimeError(f"onnxruntime vs torch: max abs err {err.max():.3g} beyond the {kind} ladder")
-
-
-def dim_json(d):
-    if d.HasField("dim_value"):
-        return int(d.dim_value)
-    if d.HasField("dim_param"):
-        return d.dim_param
-    return None
-
-
-def io_json(vis):
-    return [{"name": vi.name, "shape": [dim_json(d) for d in vi.type.tensor_type.shape.dim],
-             "dtype": onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type).name} for vi in vis]
-
-
-def config_text(cfg):
-    keys = ("rank", "channels", "groups", "eps", "affine", "dtype", "body", "dyn", "opset", "weights")
-    return ", ".join(f"{k}={cfg[k]}" for k in keys)
+CONFIG_KEYS = ("rank", "channels", "groups", "eps", "affine", "dtype", "body", "dyn", "opset", "weights")
 
 
 def generate(cfg, out_dir):
@@ -240,23 +208,16 @@ def generate(cfg, out_dir):
 
     with torch.no_grad():
         y = mod(torch.from_numpy(x)).numpy()
-    out_dtype = onnx.helper.tensor_dtype_to_np_dtype(m.graph.output[0].type.tensor_type.elem_type)
-    y = y.astype(out_dtype)
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    got = sess.run(None, {sess.get_inputs()[0].name: x})[0]
-    if got.shape != y.shape:
-        raise RuntimeError(f"onnxruntime output shape {got.shape} != torch {y.shape}")
-    kind = "float16" if out_dtype == np.float16 else "float32"
-    tol, maxerr = pick_tolerance(y, got, kind)
-    save_npz(path.with_suffix(".npz"), [x], [y])
+    y, tol, maxerr, kind = common.check_against_reference(path, m, x, y, "torch")
+    common.save_npz(path.with_suffix(".npz"), [x], [y])
 
-    layer = {"groups": cfg["groups"], "axis": 1, "epsilon": float(cfg["eps"]), "center": cfg["affine"],
-             "scale": cfg["affine"], "channels": cfg["channels"], "input_rank": cfg["rank"],
-             "dtype_policy": cfg["dtype"]}
-    notes = [f"config: {config_text(cfg)}.",
+    layer = common.layer_record(groups=cfg["groups"], axis=1, epsilon=cfg["eps"], center=cfg["affine"],
+                                scale=cfg["affine"], channels=cfg["channels"], input_rank=cfg["rank"],
+                                dtype_policy=cfg["dtype"])
+    notes = [f"config: {common.config_text(cfg, CONFIG_KEYS)}.",
              f"torch.nn.GroupNorm (channels-first, axis 1; center=scale=affine); expected output = torch "
              f"module(x) in eval mode on CPU; ORT CPU max abs err {maxerr:.3g}; tolerance (rtol=atol) = "
-             f"tightest of the {kind} ladder {TOL_LADDER[kind]} passing with 3x margin (the floor leaves "
+             f"tightest of the {kind} ladder {common.TOL_LADDER[kind]} passing with 3x margin (the floor leaves "
              f"room for a fused GN's different rounding)."]
     if cfg["dyn"]:
         notes.append(f"dynamic dims {list(cfg['dyn'])}; traced with batch 2 spatial {cfg['spatial']}, test "
@@ -271,65 +232,28 @@ def generate(cfg, out_dir):
         notes.append("affine=False (no weight/bias parameters).")
     if family(cfg) == "onnx-GroupNormalization-op":
         notes.append("dynamo opset 21 emits a native GroupNormalization-21 node (per-channel scale/bias).")
-    return {
-        "name": name,
-        "file": f"{SUBDIR}/{name}.onnx",
-        "data": f"{SUBDIR}/{name}.npz",
-        "route": cfg["route"],
-        "pattern_family": family(cfg),
-        "exporter": {"name": EXPORTER[cfg["route"]], "version": f"torch {torch.__version__}"},
-        "frameworks": dict(FRAMEWORKS),
-        "python": PYTHON,
-        "opset": next(o.version for o in m.opset_import if o.domain in ("", "ai.onnx")),
-        "dtype_policy": cfg["dtype"],
-        "inputs": io_json(m.graph.input),
-        "outputs": io_json(m.graph.output),
-        "expected_group_norms": 1,
-        "layers": [layer],
-        "negative": False,
-        "hand_built": False,
-        "weights": cfg["weights"],
-        "tolerance": {"rtol": tol, "atol": tol},
-        "notes": " ".join(notes),
-    }
+    return common.manifest_entry(
+        name=name, subdir=SUBDIR, route=cfg["route"], family=family(cfg),
+        exporter={"name": EXPORTER[cfg["route"]], "version": f"torch {torch.__version__}"},
+        frameworks=dict(FRAMEWORKS), python=PYTHON, opset=common.default_opset(m), dtype_policy=cfg["dtype"],
+        inputs=common.io_json(m.graph.input), outputs=common.io_json(m.graph.output), layers=[layer],
+        negative=False, weights=cfg["weights"], tolerance={"rtol": tol, "atol": tol}, notes=notes)
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=pathlib.Path, default=MODELS_DIR)
-    ap.add_argument("--only", nargs="+", default=None)
-    args = ap.parse_args(argv)
-    out_dir = args.out.resolve()
-    cfgs = CONFIGS
-    if args.only:
-        unknown = set(args.only) - {c["name"] for c in CONFIGS}
-        if unknown:
-            ap.error(f"unknown names: {sorted(unknown)}")
-        cfgs = [c for c in CONFIGS if c["name"] in args.only]
-    models, failures = [], []
-    for cfg in cfgs:
-        try:
-            entry = generate(cfg, out_dir)
-            models.append(entry)
-            print(f"ok   {cfg['name']}  opset={entry['opset']} tol={entry['tolerance']['atol']}", flush=True)
-        except Exception as e:  # noqa: BLE001 - every failing route is recorded
-            msg = "".join(traceback.format_exception_only(type(e), e)).strip()
-            lines = [ln for ln in msg.splitlines() if ln.strip()][:3]
-            for p in (out_dir / SUBDIR / f"{cfg['name']}.onnx", out_dir / SUBDIR / f"{cfg['name']}.npz"):
-                p.unlink(missing_ok=True)
-            failures.append({"route": cfg["route"], "name": cfg["name"], "config": config_text(cfg),
-                             "exporter": {"name": EXPORTER[cfg["route"]], "version": f"torch {torch.__version__}"},
-                             "frameworks": dict(FRAMEWORKS), "error": "\n".join(lines)[:1000]})
-            print(f"FAIL {cfg['name']}: {lines[0][:300] if lines else type(e).__name__}", flush=True)
-    if out_dir == MODELS_DIR.resolve():
-        if args.only and MANIFEST.exists():
-            data = json.loads(MANIFEST.read_text())
-            done = {c["name"] for c in cfgs}
-            models += [m for m in data["models"] if m.get("generator") == SCRIPT and m["name"] not in done]
-            failures += [f for f in data["failures"] if f.get("generator") == SCRIPT and f["name"] not in done]
-        update_manifest(SCRIPT, models, failures)
-    print(f"{len(models)} models, {len(failures)} failures")
+    by_name = {c["name"]: c for c in CONFIGS}
+
+    def failure(name, e):
+        cfg = by_name[name]
+        return common.failure_entry(
+            route=cfg["route"], name=name, config=common.config_text(cfg, CONFIG_KEYS),
+            exporter={"name": EXPORTER[cfg["route"]], "version": f"torch {torch.__version__}"},
+            frameworks=dict(FRAMEWORKS), error="\n".join(common.exception_lines(e))[:1000])
+
+    return common.run_generator(SCRIPT, list(by_name), lambda name, idx, out_dir: generate(by_name[name], out_dir),
+                                failure, subdir_of=lambda name: SUBDIR, argv=argv,
+                                description=__doc__.splitlines()[0])
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -57,7 +57,10 @@ class GroupNormFusionBase(pattern.RewriteRuleClassBase):
         gamma = self._param(op, fusion.gamma, f"{fusion.name}_gamma", fusion.in_function)
         beta = self._param(op, fusion.beta, f"{fusion.name}_beta", fusion.in_function)
         dtype = fusion.x.dtype
-        variant = variant_for(fusion.rank, fusion.axis, int(dtype), gamma is not None, beta is not None)
+        variant = variant_for(
+            fusion.rank, fusion.axis, int(dtype), gamma is not None, beta is not None,
+            channels=fusion.channels, groups=fusion.groups,
+        )
         inputs = [fusion.x, gamma, beta]
         while inputs[-1] is None:
             inputs.pop()

@@ -10,7 +10,8 @@ from __future__ import annotations
 from onnxscript.rewriter import pattern
 
 from ...ops import contract
-from ...ops.functions import Variant, variant_for
+from ...ops.builder import VARIANT_KEY
+from ...ops.functions import Variant
 
 __all__ = ["AbsorbSiLU", "rules"]
 
@@ -40,24 +41,23 @@ class AbsorbSiLU(pattern.RewriteRuleClassBase):
             alpha = out.producer().attributes.get("alpha")
             if alpha is not None and abs(alpha.as_float() - 1.0) > 0:
                 return result.fail(f"QuickGelu alpha={alpha.as_float()} is not SiLU (alpha=1)", out)
+        overload = node.overload
+        if not overload:  # the model's default body: its variant is in the function's metadata
+            default = context.model.functions.get((contract.DOMAIN, contract.OP_TYPE, ""))
+            overload = default.metadata_props.get(VARIANT_KEY, "") if default is not None else ""
+        if not overload:
+            return result.fail("cannot tell which body variant the GroupNormalization uses", node)
+        self._variant = Variant.from_overload(overload)._replace(silu=True)
         return result
 
     def rewrite(self, op, x, y, **_):
         node = y.producer()
         attrs = {k: v.value for k, v in node.attributes.items()}
         attrs["activation"] = contract.ACTIVATION_SILU
-        old = Variant.from_overload(node.overload) if node.overload else None
         result = getattr(op, contract.OP_TYPE)(
             *node.inputs, _domain=contract.DOMAIN, _version=contract.VERSION, _name=node.name, **attrs
         )
-        if old is not None:
-            result.producer().overload = Variant(old.layout, old.dtype, old.scale, old.center, True).overload
-        elif x.shape is not None and x.dtype is not None:
-            inputs = list(node.inputs) + [None] * 3
-            result.producer().overload = variant_for(
-                len(x.shape), int(attrs.get("axis", contract.DEFAULT_AXIS)), int(x.dtype),
-                inputs[1] is not None, inputs[2] is not None, contract.ACTIVATION_SILU,
-            ).overload
+        result.producer().overload = self._variant.overload
         return result
 
 

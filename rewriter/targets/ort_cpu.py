@@ -39,7 +39,7 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from ...ops import contract, variant_for
+from ...ops import Variant, contract, variant_for
 from ..report import FuseReport
 
 __all__ = ["lower", "ABSORBS_ACTIVATION", "plan_regions"]
@@ -57,6 +57,22 @@ _UNARY = {
 _BINARY = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "PRelu"}
 _RANKS = (3, 4, 5)
 
+
+
+def _channels_and_groups(node: ir.Node) -> tuple[int, int]:
+    """C and the resolved group count of one of our channels-last nodes."""
+    groups = node.attributes["groups"].as_int() if "groups" in node.attributes else contract.DEFAULT_GROUPS
+    if node.overload:
+        variant = Variant.from_overload(node.overload)
+        if variant.channels:
+            return variant.channels, variant.groups
+    for param in node.inputs[1:]:
+        if param is not None and param.shape is not None and len(param.shape) == 1 and isinstance(param.shape[0], int):
+            channels = param.shape[0]
+            break
+    else:
+        channels = node.inputs[0].shape[-1]
+    return channels, channels if groups == -1 else groups
 
 def _to_last(rank: int) -> list[int]:
     return [0, *range(2, rank), 1]
@@ -436,7 +452,8 @@ def _rewrite(container, region: _Region) -> None:
             scale = len(node.inputs) > 1 and node.inputs[1] is not None
             center = len(node.inputs) > 2 and node.inputs[2] is not None
             activation = attrs["activation"].as_int() if "activation" in attrs else contract.ACTIVATION_NONE
-            overload = variant_for(rank, 1, int(x.dtype), scale, center, activation).overload
+            channels, groups = _channels_and_groups(node)
+            overload = variant_for(rank, 1, int(x.dtype), scale, center, activation, channels=channels, groups=groups).overload
         new = ir.Node(
             node.domain, node.op_type, inputs, attributes, overload=overload,
             num_outputs=len(node.outputs), name=node.name, version=node.version,

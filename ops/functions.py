@@ -155,7 +155,7 @@ def variant_for(
     axis %= rank
     silu = activation == contract.ACTIVATION_SILU
     if dtype == onnx.TensorProto.DOUBLE:  # onnxruntime's InstanceNormalization has no float64 kernel
-        layout = "cl" if axis == rank - 1 else "nd"
+        layout = "cl" if axis == rank - 1 and rank >= 3 else "nd"
     else:
         layout = "cf" if axis == 1 else "cl" if axis == rank - 1 else "nd"
     if layout == "nd":
@@ -190,10 +190,7 @@ def _build(variant: Variant, opset: int) -> onnx.FunctionProto:
     C, G = variant.channels, variant.groups
     CG = C // G if G else 0
     GROUPED = [0, G, -1]  # cf: [N, G, C/G * spatial]
-    VIEW = [0, -1, G, CG]  # cl: [N, spatial, G, C/G]
     PER_CHANNEL = [0] + [1] * max(variant.rank - 2, 0) + [C]  # cl: [N, 1.., C], X's layout
-    EXPAND_GROUP = [1, 1, 1, CG]
-    AFFINE_VIEW = [1, 1, G, CG]
     ONES_G = onnx.numpy_helper.from_array(np.ones(G, np.float32), "ones_g")
     ZEROS_G = onnx.numpy_helper.from_array(np.zeros(G, np.float32), "zeros_g")
     ONES_C = onnx.numpy_helper.from_array(np.ones(C, _np_type(COMPUTE)), "ones_c")
@@ -252,43 +249,45 @@ def _build(variant: Variant, opset: int) -> onnx.FunctionProto:
                 x = op.Cast(X, to=COMPUTE)
             else:
                 x = op.Identity(X)
-            view = op.Constant(value_ints=VIEW)
+            # Channel -> group matrices, folded to constants by the runtime: expand[g, c] = 1
+            # where channel c is in group g; average = expand^T / (C/G).
+            eye = op.EyeLike(op.Cast(op.ConstantOfShape(op.Constant(value_ints=[G, G])), to=COMPUTE))
+            expand = op.Reshape(op.Expand(op.Unsqueeze(eye, op.Constant(value_ints=[2])), op.Constant(value_ints=[G, G, CG])), op.Constant(value_ints=[G, C]))
+            average = op.Mul(op.Transpose(expand, perm=[1, 0]), op.Constant(value=INV_CG))
+            # [1, H] filled with 1/(spatial size): ``weights @ t`` sums the first spatial axis
+            # with one GEMM pass (onnxruntime's reductions over it are slow).
+            shape = op.Shape(X)
+            first = op.Slice(shape, op.Constant(value_ints=[1]), op.Constant(value_ints=[2]))
+            spatial = op.ReduceProd(op.Slice(shape, op.Constant(value_ints=[1]), op.Constant(value_ints=[-1])), keepdims=1)
+            weights = op.Expand(op.Reciprocal(op.Cast(spatial, to=COMPUTE)), op.Concat(op.Constant(value_ints=[1]), first, axis=0))
+            rows = op.Constant(value_ints=[0, 0, -1])
+            columns = op.Constant(value_ints=[0, -1, C])
             per_channel = op.Constant(value_ints=PER_CHANNEL)
-            expand_group = op.Constant(value_ints=EXPAND_GROUP)
             one = op.Constant(value_ints=[1])
-            three = op.Constant(value_ints=[3])
-            # A shift near each group's mean from every STRIDE-th spatial row (cheap); with it
-            # subtracted the statistics see small deviations: a corrected two-pass.
-            sample = op.Slice(op.Reshape(x, view), op.Constant(value_ints=[0]), op.Constant(value_ints=[BIG]), one, op.Constant(value_ints=[STRIDE]))
-            # Reduce over C/G, then over the spatial rows: two fast reduce kernels (one
-            # strided reduction over both is slow). Rows are equal-sized: mean of means.
-            if R18:
-                m4 = op.ReduceMean(op.ReduceMean(sample, three, keepdims=1), one, keepdims=1)
-            if R13:
-                m4 = op.ReduceMean(op.ReduceMean(sample, axes=[3], keepdims=1), axes=[1], keepdims=1)
-            # Per-(sample, channel) values broadcast in X's own layout [N, 1.., C]: a row
-            # broadcast, fast in onnxruntime, and no copying Reshape at the end.
-            d = op.Sub(x, op.Reshape(op.Expand(m4, expand_group), per_channel))
-            d4 = op.Reshape(d, view)
-            if R18:
-                mean_d = op.ReduceMean(op.ReduceMean(d4, three, keepdims=1), one, keepdims=1)
-                mean_sq = op.Mul(op.ReduceMean(op.ReduceSumSquare(d4, three, keepdims=1), one, keepdims=1), op.Constant(value=INV_CG))
-            if R13:
-                mean_d = op.ReduceMean(op.ReduceMean(d4, axes=[3], keepdims=1), axes=[1], keepdims=1)
-                mean_sq = op.Mul(op.ReduceMean(op.ReduceSumSquare(d4, axes=[3], keepdims=1), axes=[1], keepdims=1), op.Constant(value=INV_CG))
+            # group_mean(t) = ReduceSum(MatMul(Reshape(MatMul(weights, t as [N, H, rest*C]),
+            # [N, rest, C]), average), over rest): [N, 1, G]. Written out three times below
+            # because onnxscript functions cannot nest closures.
+            m = op.ReduceSum(op.MatMul(op.Reshape(op.MatMul(weights, op.Reshape(x, rows)), columns), average), one, keepdims=1)
+            # Subtract a first mean, then take the statistics of the small deviations: a
+            # corrected two-pass, accurate even when |mean| >> std.
+            d = op.Sub(x, op.Reshape(op.MatMul(m, expand), per_channel))
+            mean_d = op.ReduceSum(op.MatMul(op.Reshape(op.MatMul(weights, op.Reshape(d, rows)), columns), average), one, keepdims=1)
+            mean_sq = op.ReduceSum(op.MatMul(op.Reshape(op.MatMul(weights, op.Reshape(op.Mul(d, d), rows)), columns), average), one, keepdims=1)
             var = op.Sub(mean_sq, op.Mul(mean_d, mean_d))
             eps = op.Cast(op.Constant(value_float=epsilon), to=COMPUTE)
-            inv = op.Expand(op.Reciprocal(op.Sqrt(op.Add(var, eps))), expand_group)
-            affine_view = op.Constant(value_ints=AFFINE_VIEW)
+            inv = op.MatMul(op.Reciprocal(op.Sqrt(op.Add(var, eps))), expand)  # [N, 1, C]
             if SCALE:
-                a4 = op.Mul(inv, op.Reshape(op.Cast(gamma, to=COMPUTE), affine_view))
+                a = op.Mul(inv, op.Cast(gamma, to=COMPUTE))
             else:
-                a4 = op.Identity(inv)
+                a = op.Identity(inv)
+            shift = op.Mul(op.MatMul(mean_d, expand), a)
             if CENTER:
-                b4 = op.Sub(op.Reshape(op.Cast(beta, to=COMPUTE), affine_view), op.Mul(mean_d, a4))
+                b = op.Sub(op.Cast(beta, to=COMPUTE), shift)
             else:
-                b4 = op.Neg(op.Mul(mean_d, a4))
-            y = op.Add(op.Mul(d, op.Reshape(a4, per_channel)), op.Reshape(b4, per_channel))
+                b = op.Neg(shift)
+            # Per-(sample, channel) scale and shift in X's own layout [N, 1.., C]: a row
+            # broadcast, and no copying Reshape at the end.
+            y = op.Add(op.Mul(d, op.Reshape(a, per_channel)), op.Reshape(b, per_channel))
             if SILU:
                 y = op.Mul(y, op.Sigmoid(y))
             if STASH:

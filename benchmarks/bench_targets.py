@@ -58,7 +58,8 @@ def _cases(only: str | None) -> list[tuple[str, onnx.ModelProto, list[np.ndarray
             inputs = [d[f"in_{i}"] for i in range(len(entry["inputs"]))]
         cases.append((entry["name"], onnx.load(MODELS / entry["file"]), inputs))
     if BENCH_MODELS.is_dir():
-        names = sorted(BENCH_MODELS.glob("keras_tf_gn_*.onnx")) + sorted(BENCH_MODELS.glob("keras_tf_block_nhwc_64x64x256.onnx"))
+        # Keras exports at diffusion-VAE sizes, TensorFlow (keras_tf_*) and torch (keras_torch_*) backends.
+        names = sorted(BENCH_MODELS.glob("keras_*_gn_*.onnx")) + sorted(BENCH_MODELS.glob("keras_*_block_nhwc_64x64x256.onnx"))
         for path in names:
             if only and only not in path.stem:
                 continue

@@ -1,5 +1,8 @@
-"""Make the real Keras+TensorFlow ONNX exports that ``benchmarks/bench_op.py`` times (not corpus models).
+"""Make the real Keras ONNX exports that the benchmarks time (not corpus models), through the
+TensorFlow backend (tf2onnx) or, with ``KERAS_BACKEND=torch``, the torch backend (torch.onnx's
+TorchScript exporter, the route Keras' ``model.export`` takes for a dynamic batch).
 
+TensorFlow:
 Made with Keras 3.15.1 / TensorFlow 2.21.0 / tf2onnx 1.17.0 (``model.export(path, format="onnx")``,
 ``KERAS_BACKEND=tensorflow``, CPU), Python 3.11.7, in the venv ``/opt/venvs/tf``. Rebuild from
 nothing, from the repository root::
@@ -9,6 +12,14 @@ nothing, from the repository root::
     KERAS_BACKEND=tensorflow /opt/venvs/tf/bin/python benchmarks/make_keras_models.py
 
 (``requirements-tf.txt`` pins keras==3.15.1 tensorflow==2.21.0 tf2onnx==1.17.0 and the rest of that venv.)
+
+torch (torch 2.13.0 CPU, Keras 3.15.1)::
+
+    python3.11 -m venv /opt/venvs/torch
+    /opt/venvs/torch/bin/pip install -q -r models/generators/requirements-torch.txt
+    KERAS_BACKEND=torch /opt/venvs/torch/bin/python benchmarks/make_keras_models.py
+
+The file names start with ``keras_tf_`` or ``keras_torch_`` by backend; below, ``keras_tf_``.
 
 Writes to ``benchmarks/models/``:
 
@@ -31,7 +42,7 @@ from __future__ import annotations
 import os
 import pathlib
 
-os.environ["KERAS_BACKEND"] = "tensorflow"
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
@@ -43,6 +54,7 @@ OUT = pathlib.Path(__file__).resolve().parent / "models"
 SEED = 20261125
 SHAPES = [(64, 64, 512), (128, 128, 256), (32, 32, 320)]  # (H, W, C)
 GROUPS, EPSILON = 32, 1e-6
+PREFIX = {"tensorflow": "keras_tf", "torch": "keras_torch"}[os.environ["KERAS_BACKEND"]]
 
 
 def _set_gn_weights(layer, rng):
@@ -51,12 +63,15 @@ def _set_gn_weights(layer, rng):
     beta = rng.normal(0.0, 0.3, c).astype(np.float32)
     layer.gamma.assign(gamma)
     layer.beta.assign(beta)
+    if os.environ["KERAS_BACKEND"] == "torch":
+        for variable in (layer.gamma, layer.beta):  # TorchScript cannot export grad-requiring constants
+            variable.value.requires_grad_(False)
     return gamma, beta
 
 
 def _export_and_check(model, path, shape, rng, atol):
     x = rng.normal(0.5, 2.0, (1, *shape)).astype(np.float32)
-    want = np.asarray(model(x, training=False))  # also marks the model as called (export requires it)
+    want = keras.ops.convert_to_numpy(model(x, training=False))  # also marks the model as called (export requires it)
     model.export(str(path), format="onnx", verbose=False)
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = sess.run(None, {sess.get_inputs()[0].name: x})[0]
@@ -76,8 +91,9 @@ def _gn_model(i, shape_hwc, channels_last):
     rng = np.random.default_rng(SEED + i)
     gamma, beta = _set_gn_weights(layer, rng)
     layout = "nhwc" if channels_last else "nchw"
-    path = OUT / f"keras_tf_gn_{layout}_{h}x{w}x{c}.onnx"
-    _export_and_check(model, path, shape, rng, 1e-4)
+    path = OUT / f"{PREFIX}_gn_{layout}_{h}x{w}x{c}.onnx"
+    # torch's E[x^2] - E[x]^2 variance rounds differently in Keras and in onnxruntime: ~1e-4.
+    _export_and_check(model, path, shape, rng, 1e-4 if PREFIX == "keras_tf" else 1e-3)
     np.savez(path.with_suffix(".npz"), gamma=gamma, beta=beta)
 
 
@@ -95,7 +111,7 @@ def _block_model():
     model = keras.Model(inp, L.Add()([h, inp]))
     _set_gn_weights(gn1, rng)
     _set_gn_weights(gn2, rng)
-    path = OUT / "keras_tf_block_nhwc_64x64x256.onnx"
+    path = OUT / f"{PREFIX}_block_nhwc_64x64x256.onnx"
     _export_and_check(model, path, (64, 64, 256), rng, 1e-3)
 
 

@@ -42,7 +42,7 @@ from typing import NamedTuple
 
 import numpy as np
 import onnx
-from onnxscript import FLOAT, INT64, script
+from onnxscript import script
 from onnxscript import opset13 as op13
 from onnxscript import opset18 as op18
 from onnxscript.values import Opset

@@ -32,6 +32,7 @@ from onnxscript.rewriter import RULE_NAME_TAG, MatchingTracer, MatchStatus, patt
 
 from ..ops import attach_functions, contract
 from . import rules as rules_module
+from ._graphs import graph_likes, is_ours
 from . import targets as targets_module
 from . import verify as verify_module
 from .rules import activation as activation_rules
@@ -54,22 +55,6 @@ class _SkipRecorder(MatchingTracer):
     def log(self, rule, container, node, match_result, status) -> None:
         if status == MatchStatus.CONDITION_FAILED:
             self.failures.append((rule.name or "", node, match_result.reason or "check failed"))
-
-
-def _graph_likes(model: ir.Model) -> Iterable[ir.Graph | ir.Function]:
-    def graphs_of(graph):
-        yield graph
-        for node in graph:
-            for attr in node.attributes.values():
-                if attr.type == ir.AttributeType.GRAPH:
-                    yield from graphs_of(attr.value)
-                elif attr.type == ir.AttributeType.GRAPHS:
-                    for g in attr.value:
-                        yield from graphs_of(g)
-
-    yield from graphs_of(model.graph)
-    for function in model.functions.values():
-        yield from graphs_of(function)
 
 
 def _all_values(graph_like) -> Iterable[ir.Value]:
@@ -98,7 +83,7 @@ class _Snapshot:
         self.value_types: dict[ir.Value, tuple] = {}
         self.dead: set[ir.Node] = set()
         self.used_initializers: set[ir.Value] = set()
-        for graph_like in _graph_likes(model):
+        for graph_like in graph_likes(model):
             for node in graph_like:
                 self.node_names[node] = node.name
                 if _is_dead(node):
@@ -110,7 +95,7 @@ class _Snapshot:
                 self.used_initializers.update(v for v in graph_like.initializers.values() if v.uses())
 
     def remove_new_dead_code(self, model: ir.Model) -> None:
-        for graph_like in _graph_likes(model):
+        for graph_like in graph_likes(model):
             changed = True
             while changed:
                 changed = False
@@ -127,7 +112,7 @@ class _Snapshot:
                         del graph_like.initializers[name]
 
     def restore(self, model: ir.Model) -> None:
-        for graph_like in _graph_likes(model):
+        for graph_like in graph_likes(model):
             taken = {v.name for v in _all_values(graph_like)}
             for node in graph_like:
                 if node in self.node_names:
@@ -174,7 +159,7 @@ def _annotate_function_inputs(model: ir.Model) -> None:
     """Give a model-local function's inputs the type and shape of its call sites' inputs
     when every call agrees (function bodies are untyped; the rules need ranks)."""
     calls: dict[tuple, list[ir.Node]] = {}
-    for graph_like in _graph_likes(model):
+    for graph_like in graph_likes(model):
         for node in graph_like:
             calls.setdefault((node.domain, node.op_type, node.overload), []).append(node)
     for key, function in model.functions.items():
@@ -190,10 +175,6 @@ def _annotate_function_inputs(model: ir.Model) -> None:
 
 def _default_opset(model: ir.Model) -> int | None:
     return model.opset_imports.get("", model.opset_imports.get("ai.onnx"))
-
-
-def _ours(node: ir.Node) -> bool:
-    return node.domain == contract.DOMAIN and node.op_type == contract.OP_TYPE
 
 
 def _fused_layer(node: ir.Node) -> FusedLayer:
@@ -263,12 +244,12 @@ def fuse(
     _annotate_function_inputs(ir_model)
     # The rewriter marks Constant outputs as constants in the main graph and functions
     # only; subgraphs (If/Loop bodies) need it too for constant operands to match.
-    for graph_like in _graph_likes(ir_model):
+    for graph_like in graph_likes(ir_model):
         optimizer.basic_constant_propagation(graph_like)
     rule_set = rules_module.rule_set(keep_standard=keep_standard)
     recorder = _SkipRecorder()
     rule_set.apply_to_model(ir_model, tracer=recorder)
-    before = {n for g in _graph_likes(ir_model) for n in g if _ours(n)}
+    before = {n for g in graph_likes(ir_model) for n in g if is_ours(n)}
     count = rule_set.apply_to_model(ir_model)
     logger.info("%d GroupNormalization subgraph(s) fused", count)
     if absorb_activation is None:
@@ -278,10 +259,10 @@ def fuse(
         absorbed = pattern.RewriteRuleSet(activation_rules.rules()).apply_to_model(ir_model)
     # Read the fused layers before lowering (a target may replace our nodes) while the
     # inferred shapes are still on the values.
-    fused_layers = [_fused_layer(n) for g in _graph_likes(ir_model) for n in g if _ours(n) and n not in before]
+    fused_layers = [_fused_layer(n) for g in graph_likes(ir_model) for n in g if is_ours(n) and n not in before]
     targets_module.lower(ir_model, target, report)
     snapshot.remove_new_dead_code(ir_model)
-    alive = {n for g in _graph_likes(ir_model) for n in g}
+    alive = {n for g in graph_likes(ir_model) for n in g}
     report.fused = sorted(fused_layers, key=lambda f: f.node)
     snapshot.restore(ir_model)
     seen = set()

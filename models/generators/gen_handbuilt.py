@@ -33,7 +33,7 @@ import _common as common  # noqa: E402
 
 import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402
-from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+from onnx import helper, numpy_helper  # noqa: E402
 
 SCRIPT = "gen_handbuilt.py"
 SUBDIR = "handbuilt"

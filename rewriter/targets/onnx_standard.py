@@ -41,6 +41,7 @@ import onnx
 import onnx_ir as ir
 
 from ...ops import attach_functions, contract
+from .._graphs import graph_likes, is_our_function, is_ours, node_config
 from ..report import FuseReport
 
 __all__ = ["lower", "ABSORBS_ACTIVATION", "STANDARD_VERSION"]
@@ -55,31 +56,6 @@ ABSORBS_ACTIVATION = False
 STANDARD_VERSION = 21
 
 _STASH_FLOAT32 = 1
-
-
-def _graph_likes(model: ir.Model) -> Iterable[ir.Graph | ir.Function]:
-    def graphs_of(graph):
-        yield graph
-        for node in graph:
-            for attr in node.attributes.values():
-                if attr.type == ir.AttributeType.GRAPH:
-                    yield from graphs_of(attr.value)
-                elif attr.type == ir.AttributeType.GRAPHS:
-                    for g in attr.value:
-                        yield from graphs_of(g)
-
-    yield from graphs_of(model.graph)
-    for function in model.functions.values():
-        if not _our_function(function):
-            yield from graphs_of(function)
-
-
-def _our_function(function: ir.Function) -> bool:
-    return function.domain == contract.DOMAIN and function.name == contract.OP_TYPE
-
-
-def _ours(node: ir.Node) -> bool:
-    return node.domain == contract.DOMAIN and node.op_type == contract.OP_TYPE
 
 
 def _label(node: ir.Node) -> str:
@@ -124,11 +100,7 @@ def _plan(node: ir.Node, container) -> _Plan | str:
     if x is None or x.shape is None:
         return "the input's rank is unknown"
     rank = len(x.shape)
-    attrs = node.attributes
-    config = contract.GroupNormConfig(
-        groups=attrs["groups"].as_int() if "groups" in attrs else contract.DEFAULT_GROUPS,
-        axis=attrs["axis"].as_int() if "axis" in attrs else contract.DEFAULT_AXIS,
-    )
+    config = node_config(node)
     try:
         axis = config.normalized_axis(rank)
     except ValueError as e:
@@ -250,9 +222,9 @@ def _detach(nodes: Iterable[ir.Node]) -> None:
 
 def _plans(model: ir.Model, report: FuseReport | None) -> tuple[list[_Plan], int]:
     plans, kept = [], 0
-    for container in _graph_likes(model):
+    for container in graph_likes(model):
         for node in list(container):
-            if not _ours(node):
+            if not is_ours(node):
                 continue
             plan = _plan(node, container)
             if isinstance(plan, str):
@@ -287,7 +259,7 @@ def _changed_by_converter(before: onnx.GraphProto, after: onnx.GraphProto) -> li
 
 def _upgrade_blockers(model: ir.Model) -> list[str]:
     """Why the model cannot move to opset 21 (empty: it can)."""
-    own_functions = [f"{f.domain}::{f.name}" for f in model.functions.values() if not _our_function(f)]
+    own_functions = [f"{f.domain}::{f.name}" for f in model.functions.values() if not is_our_function(f)]
     if own_functions:
         return [f"model-local function(s) {', '.join(own_functions)} (onnx's version converter drops function bodies)"]
     proto = ir.to_proto(model)

@@ -40,6 +40,7 @@ import numpy as np
 import onnx_ir as ir
 
 from ...ops import Variant, contract, variant_for
+from .._graphs import graph_likes, is_ours
 from ..report import FuseReport
 
 __all__ = ["lower", "ABSORBS_ACTIVATION", "plan_regions"]
@@ -80,10 +81,6 @@ def _to_last(rank: int) -> list[int]:
 
 def _to_first(rank: int) -> list[int]:
     return [0, rank - 1, *range(1, rank - 1)]
-
-
-def _ours(node: ir.Node) -> bool:
-    return node.domain == contract.DOMAIN and node.op_type == contract.OP_TYPE
 
 
 def _std(node: ir.Node, op_type: str | set) -> bool:
@@ -220,7 +217,7 @@ def _rank(value: ir.Value | None, depth: int = 0) -> int | None:
     if _std(node, "Transpose"):
         perm = _perm(node)
         return len(perm) if perm is not None else _rank(node.inputs[0], depth + 1)
-    if _ours(node) or _std(node, _UNARY):
+    if is_ours(node) or _std(node, _UNARY):
         return _rank(node.inputs[0], depth + 1)
     if _std(node, _BINARY):
         ranks = [_rank(v, depth + 1) if _const(v) is None else _const(v).ndim for v in node.inputs]
@@ -272,7 +269,7 @@ class _Region:
 
 def _joinable(node: ir.Node, rank: int) -> bool:
     """Whether ``node`` is layout-neutral for rank-``rank`` tensors."""
-    if _ours(node):
+    if is_ours(node):
         return _channels_last_rank(node) == rank
     if _std(node, _UNARY):
         return len(node.outputs) == 1 and node.inputs and node.inputs[0] is not None
@@ -292,7 +289,7 @@ def _joinable(node: ir.Node, rank: int) -> bool:
 
 def _data_inputs(node: ir.Node) -> list[int]:
     """Indices of the inputs carrying the layout (our op: X only; gamma/beta are [C])."""
-    if _ours(node):
+    if is_ours(node):
         return [0]
     if _std(node, _UNARY):
         return [0]
@@ -312,7 +309,7 @@ def _grow(seed: ir.Node, rank: int, taken: set[ir.Node], alive: set[ir.Node]) ->
         for i in _data_inputs(node):
             value = node.inputs[i]
             producer = value.producer()
-            if _const(value) is not None and not _ours(node):
+            if _const(value) is not None and not is_ours(node):
                 region.entries[(node, i)] = "const"
             elif _perm(producer) == to_last:
                 region.entries[(node, i)] = "transpose"
@@ -362,7 +359,7 @@ def plan_regions(container) -> list[_Region]:
     alive = {n for n, top in _READERS.items() if n is top}
     order = {n: k for k, n in enumerate(container)}
     for node in list(container):
-        if not _ours(node) or node in taken:
+        if not is_ours(node) or node in taken:
             continue
         rank = _channels_last_rank(node)
         if rank is None:
@@ -444,7 +441,7 @@ def _rewrite(container, region: _Region) -> None:
                 raise AssertionError(f"unplanned input {i} of {_label(node)}")
         attributes = list(node.attributes.values())
         overload = node.overload
-        if _ours(node):
+        if is_ours(node):
             attrs = {k: v for k, v in node.attributes.items()}
             attrs["axis"] = ir.AttrInt64("axis", 1)
             attributes = list(attrs.values())
@@ -510,32 +507,15 @@ def _rewrite(container, region: _Region) -> None:
             changed = True
 
 
-def _containers(model: ir.Model):
-    def graphs_of(graph):
-        yield graph
-        for node in graph:
-            for attr in node.attributes.values():
-                if attr.type == ir.AttributeType.GRAPH:
-                    yield from graphs_of(attr.value)
-                elif attr.type == ir.AttributeType.GRAPHS:
-                    for g in attr.value:
-                        yield from graphs_of(g)
-
-    yield from graphs_of(model.graph)
-    for function in model.functions.values():
-        if not (function.domain == contract.DOMAIN and function.name == contract.OP_TYPE):
-            yield from graphs_of(function)
-
-
 def lower(model: ir.Model, report: FuseReport) -> None:
     """Move channels-last regions of our op onto the channels-first tensors, in place."""
     total_removed = total_inserted = 0
-    for container in list(_containers(model)):
+    for container in list(graph_likes(model)):
         _detach_stale(container)
         for region in plan_regions(container):
             removed = region.removed_transposes()
             inserted = region.inserted_transposes()
-            ours = [_label(n) for n in region.nodes if _ours(n)]
+            ours = [_label(n) for n in region.nodes if is_ours(n)]
             if len(removed) < inserted:
                 report.notes.append(
                     f"ort target: kept {', '.join(ours)} channels-last: moving it to channels-first would remove "

@@ -22,7 +22,8 @@ import onnx_ir as ir
 
 from ...ops import contract
 from ..report import FuseReport
-from .onnx_standard import _detach, _graph_likes, _label, _ours
+from .._graphs import graph_likes, is_ours, node_config
+from .onnx_standard import _detach, _label
 
 __all__ = ["lower", "ABSORBS_ACTIVATION", "MS_DOMAIN", "MS_OP"]
 
@@ -45,11 +46,7 @@ def _reason(node: ir.Node) -> str | tuple[int, int]:
     rank = len(x.shape)
     if rank != 4:
         return f"rank-{rank} input: com.microsoft.GroupNorm takes 4-D NHWC inputs only"
-    attrs = node.attributes
-    config = contract.GroupNormConfig(
-        groups=attrs["groups"].as_int() if "groups" in attrs else contract.DEFAULT_GROUPS,
-        axis=attrs["axis"].as_int() if "axis" in attrs else contract.DEFAULT_AXIS,
-    )
+    config = node_config(node)
     try:
         axis = config.normalized_axis(rank)
     except ValueError as e:
@@ -99,9 +96,9 @@ def _param(node: ir.Node, container, index: int, fill: float, channels: int, new
 def lower(model: ir.Model, report: FuseReport) -> None:
     """Replace each expressible node of our op with com.microsoft.GroupNorm, in place."""
     count = 0
-    for container in _graph_likes(model):
+    for container in graph_likes(model):
         for node in list(container):
-            if not _ours(node):
+            if not is_ours(node):
                 continue
             reason = _reason(node)
             if isinstance(reason, str):

@@ -31,6 +31,7 @@ from onnxscript import optimizer
 from onnxscript.rewriter import RULE_NAME_TAG, MatchingTracer, MatchStatus, pattern
 
 from ..ops import attach_functions, contract
+from . import io
 from . import rules as rules_module
 from ._graphs import graph_likes, is_ours
 from . import targets as targets_module
@@ -201,6 +202,23 @@ def _fused_layer(node: ir.Node) -> FusedLayer:
     )
 
 
+def _check(proto: onnx.ModelProto, original: onnx.ModelProto, report: FuseReport) -> None:
+    """The result must pass onnx's checker whenever the input did; an input that fails it
+    (for reasons of its own) only gets a note."""
+    if proto.ByteSize() > io.EXTERNAL_DATA_THRESHOLD:
+        report.notes.append("model over 2 GB: onnx.checker skipped (it needs a file path)")
+        return
+    try:
+        onnx.checker.check_model(proto)
+    except onnx.checker.ValidationError as e:
+        try:
+            onnx.checker.check_model(original)
+        except onnx.checker.ValidationError as original_error:
+            report.notes.append(f"the input model already fails onnx.checker: {str(original_error).splitlines()[0][:200]}")
+            return
+        raise RuntimeError(f"the fused model fails onnx.checker although the input passes: {e}") from e
+
+
 def fuse(
     model: onnx.ModelProto | ir.Model,
     *,
@@ -280,7 +298,7 @@ def fuse(
     proto = ir.to_proto(ir_model)
     _keep_value_info(proto, _value_info_names(original))
     attach_functions(proto)
-    onnx.checker.check_model(proto)
+    _check(proto, original, report)
     if verify:
         report.verification = verify_module.verify(original, proto, seed=seed)
     return (proto if is_proto else ir.from_proto(proto)), report

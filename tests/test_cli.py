@@ -171,3 +171,17 @@ def test_external_data_is_read_and_written(tmp_path, capsys):
 def test_unknown_target(model_path, tmp_path, capsys):
     assert cli.main(["fuse", str(model_path), "-o", str(tmp_path / "o.onnx"), "--target", "tpu"]) == cli.EXIT_BAD_INPUT
     assert "unknown --target 'tpu'" in capsys.readouterr().err
+
+
+def test_internal_error_exits_3_naming_the_file(model_path, tmp_path, monkeypatch, capsys):
+    import onnx_groupnorm.rewriter as rewriter
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(rewriter, "fuse", broken)
+    before = model_path.read_bytes()
+    assert cli.main(["fuse", str(model_path), "-o", str(tmp_path / "o.onnx")]) == cli.EXIT_INTERNAL_ERROR
+    err = capsys.readouterr().err
+    assert str(model_path) in err and "RuntimeError: boom" in err
+    assert model_path.read_bytes() == before and not (tmp_path / "o.onnx").exists()

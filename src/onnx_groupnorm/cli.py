@@ -1,7 +1,8 @@
 """The ``onnx-groupnorm`` command line: argument parsing and exit codes only.
 
 Exit codes: 0 success (also when nothing was fused), 1 verification failed, 2 bad input
-or usage. All the work is in :mod:`onnx_groupnorm.rewriter`.
+or usage, 3 an internal error (a bug: please report it with the model). All the work is in
+:mod:`onnx_groupnorm.rewriter`.
 """
 
 from __future__ import annotations
@@ -15,11 +16,12 @@ from collections.abc import Sequence
 
 from . import __version__
 
-__all__ = ["main", "main_parser", "entrypoint", "EXIT_OK", "EXIT_VERIFY_FAILED", "EXIT_BAD_INPUT"]
+__all__ = ["main", "main_parser", "entrypoint", "EXIT_OK", "EXIT_VERIFY_FAILED", "EXIT_BAD_INPUT", "EXIT_INTERNAL_ERROR"]
 
 EXIT_OK = 0
 EXIT_VERIFY_FAILED = 1
 EXIT_BAD_INPUT = 2
+EXIT_INTERNAL_ERROR = 3
 
 
 def main_parser() -> argparse.ArgumentParser:
@@ -110,6 +112,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ModelFileError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except Exception as e:  # a bug of ours: say which file, keep the traceback in the log
+        logging.getLogger("onnx_groupnorm").debug("internal error", exc_info=True)
+        print(f"error: {args.input}: internal error ({type(e).__name__}: {e}); the input is unchanged", file=sys.stderr)
+        return EXIT_INTERNAL_ERROR
 
 
 def entrypoint() -> None:

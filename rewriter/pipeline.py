@@ -25,6 +25,7 @@ import logging
 from collections.abc import Iterable
 
 import onnx
+import onnx.version_converter
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 from onnxscript import optimizer
@@ -219,6 +220,27 @@ def _check(proto: onnx.ModelProto, original: onnx.ModelProto, report: FuseReport
         raise RuntimeError(f"the fused model fails onnx.checker although the input passes: {e}") from e
 
 
+def _fuse_raised(original, opset, is_proto, ir_model, report, *, verify, **options):
+    """Our function body needs opset 13: raise the opset (onnx.version_converter) only when
+    that lets something fuse; otherwise hand the model back untouched."""
+    try:
+        raised = onnx.version_converter.convert_version(original, contract.MIN_OPSET)
+    except Exception as e:  # the converter cannot upgrade every model
+        report.notes.append(
+            f"default-domain opset {opset} is below {contract.MIN_OPSET}, the lowest our function body "
+            f"supports, and onnx.version_converter could not raise it ({str(e).splitlines()[0][:200]}): nothing fused"
+        )
+        return (original if is_proto else ir_model), report
+    fused, raised_report = fuse(raised, verify=False, source=report.source, **options)
+    if not raised_report.fused:
+        report.notes.append(f"default-domain opset {opset} is below {contract.MIN_OPSET}: nothing to fuse, the model is unchanged")
+        return (original if is_proto else ir_model), report
+    raised_report.notes.insert(0, f"default-domain opset raised from {opset} to {contract.MIN_OPSET} (onnx.version_converter) to hold our op")
+    if verify:
+        raised_report.verification = verify_module.verify(original, fused, seed=options["seed"])
+    return (fused if is_proto else ir.from_proto(fused)), raised_report
+
+
 def fuse(
     model: onnx.ModelProto | ir.Model,
     *,
@@ -245,12 +267,12 @@ def fuse(
     report = FuseReport(source=source, target=target)
 
     opset = _default_opset(ir_model)
-    if opset is None or opset < contract.MIN_OPSET:
-        report.notes.append(
-            f"default-domain opset {opset} is below {contract.MIN_OPSET}, the lowest our function body "
-            "supports: nothing fused (raise it with onnx.version_converter first)"
-        )
+    if opset is None:
+        report.notes.append("the model imports no default-domain opset: nothing fused")
         return (original if is_proto else ir_model), report
+    if opset < contract.MIN_OPSET:
+        return _fuse_raised(original, opset, is_proto, ir_model, report, verify=verify, keep_standard=keep_standard,
+                            target=target, absorb_activation=absorb_activation, seed=seed)
 
     snapshot = _Snapshot(ir_model)
     try:

@@ -179,12 +179,32 @@ def test_rule_set_composes_with_an_onnx_ir_pass_manager():
     assert len(_ours(ir.to_proto(result.model).graph.node)) == 1
 
 
-def test_opset_below_13_is_reported_not_fused():
-    nodes, _ = keras_dynamo_group_norm("x", "y", SHAPE, 4)
-    model = single_model(nodes, SHAPE, opset=12)
-    fused, report = fuse(model)
-    assert report.fused == [] and fused == model
-    assert "below 13" in report.notes[0]
+def test_opset_below_13_is_raised_only_when_something_fuses(rng):
+    """tf2onnx-style pattern at opset 11 (ReduceMean with an axes attribute): the opset goes to
+    13, the minimum of our function body; a model with nothing to fuse keeps its opset."""
+    from keras_graphs import Builder, keras_group_norm
+
+    def moments(b, xs, ctx):
+        mean = b.op("ReduceMean", xs, axes=ctx.axes, keepdims=1)
+        d = b.op("Sub", xs, mean)
+        return mean, b.op("ReduceMean", b.op("Mul", d, d), axes=ctx.axes, keepdims=1)
+
+    b = Builder()
+    gn = keras_group_norm(b, "x", SHAPE, 4, moments)
+    model = b.model([("x", onnx.TensorProto.FLOAT, list(SHAPE))], [(gn.y, onnx.TensorProto.FLOAT, list(SHAPE))], opset=11)
+    fused, report = fuse(model, verify=True)
+    assert len(report.fused) == 1 and report.verification.passed
+    assert "raised from 11 to 13" in report.notes[0]
+    assert {o.domain: o.version for o in fused.opset_import}[""] == 13
+    onnx.checker.check_model(fused, full_check=True)
+    x = rng.normal(size=SHAPE).astype(np.float32)
+    (y,) = run_ort(fused, x)
+    expected = ops.group_normalization(x.astype(np.float64), gn.gamma.astype(np.float64), gn.beta.astype(np.float64), groups=4).astype(np.float32)
+    assert tolerance_for(np.float32).check(y, expected)[0]
+
+    plain = single_model([onnx.helper.make_node("Relu", ["x"], ["y"])], SHAPE, opset=11)
+    unchanged, report = fuse(plain)
+    assert report.fused == [] and unchanged == plain and "nothing to fuse" in report.notes[0]
 
 
 def test_unknown_target_is_refused():

@@ -100,6 +100,13 @@ class GN:
     beta: np.ndarray | None  # [C]
 
 
+def random_input(rng, shape, *, dtype=np.float32, sizes=None) -> np.ndarray:
+    """N(0.5, 2) data for ``shape``; symbolic dims take ``sizes[name]`` (default 2)."""
+    sizes = sizes or {}
+    concrete = [d if isinstance(d, int) else sizes.get(d, 2) for d in shape]
+    return rng.normal(0.5, 2.0, concrete).astype(dtype)
+
+
 def grouped_layout(x_shape, axis: int, groups: int) -> list[int]:
     shape = [1] * (len(x_shape) + 1)
     shape[axis] = groups

@@ -9,10 +9,10 @@ import onnx
 import pytest
 from helpers import run_ort
 from onnx import TensorProto, helper, numpy_helper
-
-from onnx_groupnorm import ops
 from onnx_groupnorm.ops.tolerances import tolerance_for
 from onnx_groupnorm.rewriter import fuse
+
+from onnx_groupnorm import ops
 
 ONNX_TYPE = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): TensorProto.FLOAT16}
 

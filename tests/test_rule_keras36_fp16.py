@@ -7,12 +7,21 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from keras_graphs import F16, F32, Builder, assert_fused, assert_skipped, keras_group_norm, ours, tf_dynamic_out_target
-
+from keras_graphs import (
+    F16,
+    F32,
+    Builder,
+    assert_fused,
+    assert_skipped,
+    keras_group_norm,
+    ours,
+    random_input,
+    tf_dynamic_out_target,
+)
 from onnx_groupnorm.rewriter import fuse
+from onnx_groupnorm.rewriter.rules._keras import VARIANT_SUFFIX as SUFFIX
 
 RULE = "Keras36Float16GroupNormFusion"
-SUFFIX = {(True, True): "", (True, False): "NoBeta", (False, True): "NoGamma", (False, False): "NoAffine"}
 
 
 def clip_moments(*, bound=65504.0, low=None, form="attr", stats_to=F16, mean_to=F16):
@@ -56,8 +65,7 @@ def k36_model(shape, groups, *, opset=17, extra_outputs=(), in_elem=F16, **kwarg
 
 
 def data(rng, shape, batch=2, dtype=np.float16):
-    shape = [batch if not isinstance(d, int) else d for d in shape]
-    return rng.normal(0.5, 2.0, shape).astype(dtype)
+    return random_input(rng, shape, dtype=dtype, sizes={"N": batch})
 
 
 # -- matching variants ----------------------------------------------------------------------

@@ -8,12 +8,21 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from helpers import keras_dynamo_group_norm, single_model
-from keras_graphs import F16, F32, GN, Builder, assert_fused, assert_skipped, keras_group_norm, ours
-
+from keras_graphs import (
+    F16,
+    F32,
+    GN,
+    Builder,
+    assert_fused,
+    assert_skipped,
+    keras_group_norm,
+    ours,
+    random_input,
+)
 from onnx_groupnorm.rewriter import fuse
+from onnx_groupnorm.rewriter.rules._keras import VARIANT_SUFFIX as SUFFIX
 
 RULE = "KerasTorchDynamoGroupNormFusion"
-SUFFIX = {(True, True): "", (True, False): "NoBeta", (False, True): "NoGamma", (False, False): "NoAffine"}
 
 
 def dynamo_moments(exponent=2.0, mean_exponent=2.0):
@@ -37,7 +46,7 @@ def dynamo_model(shape=(2, 8, 8, 16), groups=4, *, opset=20, moments=None, in_el
 
 
 def data(rng, shape, dtype=np.float32):
-    return rng.normal(0.5, 2.0, [2 if not isinstance(d, int) else d for d in shape]).astype(dtype)
+    return random_input(rng, shape, dtype=dtype)
 
 
 # -- matching variants ----------------------------------------------------------------------

@@ -12,10 +12,20 @@ from collections.abc import Sequence
 
 import numpy as np
 import pytest
+from keras_graphs import (
+    F16,
+    F32,
+    GN,
+    I64,
+    Builder,
+    assert_fused,
+    assert_skipped,
+    ours,
+    random_input,
+)
 from onnx import helper
-from keras_graphs import F16, F32, I64, GN, Builder, assert_fused, assert_skipped, ours
-
 from onnx_groupnorm.rewriter import fuse
+from onnx_groupnorm.rewriter.rules._keras import VARIANT_SUFFIX
 
 RULE = "KerasTorchScriptGroupNormFusion"
 NP = {F32: np.float32, F16: np.float16}
@@ -132,9 +142,7 @@ def ts_model(shape, groups, *, opset=20, **kwargs):
 
 def data(rng, shape, dtype=np.float32, sizes=None):
     """Symbolic dims take ``sizes`` (default batch 3, other dims 5)."""
-    sizes = sizes or {"N": 3}
-    concrete = [d if isinstance(d, int) else sizes.get(d, 5) for d in shape]
-    return rng.normal(0.5, 2.0, concrete).astype(dtype)
+    return random_input(rng, shape, dtype=dtype, sizes={"N": 3, **{d: 5 for d in shape if isinstance(d, str) and d != "N"}, **(sizes or {})})
 
 
 NHWC = ("N", 8, 8, 16)
@@ -146,8 +154,7 @@ NHWC = ("N", 8, 8, 16)
 @pytest.mark.parametrize("center", [True, False])
 def test_scale_center(scale, center, rng):
     model, gn, _ = ts_model(NHWC, 4, scale=scale, center=center)
-    suffix = {(True, True): "", (True, False): "NoBeta", (False, True): "NoGamma", (False, False): "NoAffine"}
-    fused, report = assert_fused(model, gn, data(rng, NHWC), rule=RULE + suffix[(scale, center)])
+    fused, report = assert_fused(model, gn, data(rng, NHWC), rule=RULE + VARIANT_SUFFIX[(scale, center)])
     assert report.skipped == []
     # gamma/beta are the raw [C] parameters, not their run-time Reshapes
     for name in filter(None, ours(fused)[0].input[1:]):

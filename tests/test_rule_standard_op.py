@@ -8,10 +8,10 @@ import onnx
 import pytest
 from helpers import run_ort
 from onnx import TensorProto, helper, numpy_helper
-
-from onnx_groupnorm import ops
 from onnx_groupnorm.ops.tolerances import tolerance_for
 from onnx_groupnorm.rewriter import fuse
+
+from onnx_groupnorm import ops
 
 FLOAT = {np.float32: TensorProto.FLOAT, np.float16: TensorProto.FLOAT16}
 

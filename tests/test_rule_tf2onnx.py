@@ -6,9 +6,22 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from keras_graphs import F16, F32, F64, I32, I64, Builder, assert_fused, assert_skipped, keras_group_norm, ours, tf_dynamic_out_target
-
+from keras_graphs import (
+    F16,
+    F32,
+    F64,
+    I32,
+    I64,
+    Builder,
+    assert_fused,
+    assert_skipped,
+    keras_group_norm,
+    ours,
+    random_input,
+    tf_dynamic_out_target,
+)
 from onnx_groupnorm.rewriter import fuse
+from onnx_groupnorm.rewriter.rules._keras import VARIANT_SUFFIX
 
 RULE = "KerasTFGroupNormFusion"
 
@@ -43,8 +56,7 @@ def tf_model(shape, groups, *, form="attr", opset=17, extra_outputs=(), out_elem
 
 
 def data(rng, shape, batch=2, dtype=np.float32):
-    shape = [batch if not isinstance(d, int) else d for d in shape]
-    return rng.normal(0.5, 2.0, shape).astype(dtype)
+    return random_input(rng, shape, dtype=dtype, sizes={"N": batch})
 
 
 # -- matching variants ----------------------------------------------------------------------
@@ -54,8 +66,7 @@ def data(rng, shape, batch=2, dtype=np.float32):
 @pytest.mark.parametrize("center", [True, False])
 def test_scale_center(scale, center, rng):
     model, gn = tf_model(("N", 8, 8, 16), 4, scale=scale, center=center)
-    suffix = {(True, True): "", (True, False): "NoBeta", (False, True): "NoGamma", (False, False): "NoAffine"}
-    assert_fused(model, gn, data(rng, ("N", 8, 8, 16)), rule=RULE + suffix[(scale, center)])
+    assert_fused(model, gn, data(rng, ("N", 8, 8, 16)), rule=RULE + VARIANT_SUFFIX[(scale, center)])
 
 
 @pytest.mark.parametrize(

@@ -8,13 +8,23 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from keras_graphs import F32, I32, I64, Builder, assert_fused, assert_skipped, keras_group_norm, ours
+from keras_graphs import (
+    F32,
+    I32,
+    I64,
+    Builder,
+    assert_fused,
+    assert_skipped,
+    keras_group_norm,
+    ours,
+    random_input,
+)
 from onnx import helper, numpy_helper
-
 from onnx_groupnorm.rewriter import fuse
+from onnx_groupnorm.rewriter.rules._keras import VARIANT_SUFFIX as SUFFIX
 
 RULE = "TFKerasGroupNormFusion"
-SUFFIX = {(True, True): "", (True, False): "NoBeta", (False, True): "NoGamma", (False, False): "NoAffine"}
+
 AXES = {4: [1, 2, 4], 3: [1, 3], 2: [2], 5: [1, 2, 3, 5]}
 
 
@@ -104,7 +114,7 @@ def static_model(groups=4, *, shape=(2, 8, 8, 16), count=None, sw_shape=None, op
 
 
 def data(rng, shape):
-    return rng.normal(0.5, 2.0, [2 if not isinstance(d, int) else d for d in shape]).astype(np.float32)
+    return random_input(rng, shape)
 
 
 # -- matching variants ----------------------------------------------------------------------

@@ -22,7 +22,10 @@ from onnxscript.rewriter import pattern
 from .. import _match, _shapes
 from ._base import Fusion, GroupNormFusionBase
 
-__all__ = ["KerasGroupNormFusionBase", "commuted", "optional_cast"]
+__all__ = ["KerasGroupNormFusionBase", "commuted", "optional_cast", "VARIANT_SUFFIX"]
+
+#: Rule-name suffix of each (scale, center) variant.
+VARIANT_SUFFIX = {(True, True): "", (True, False): "NoBeta", (False, True): "NoGamma", (False, False): "NoAffine"}
 
 
 def commuted(op_fn, a, b):
@@ -44,8 +47,7 @@ class KerasGroupNormFusionBase(GroupNormFusionBase):
     def __init__(self, *, scale: bool = True, center: bool = True, name: str | None = None):
         self.scale = scale
         self.center = center
-        suffix = {(True, True): "", (True, False): "NoBeta", (False, True): "NoGamma", (False, False): "NoAffine"}
-        super().__init__(name or f"{type(self).__name__}{suffix[(scale, center)]}")
+        super().__init__(name or f"{type(self).__name__}{VARIANT_SUFFIX[(scale, center)]}")
 
     # -- pattern ---------------------------------------------------------------------
     def moments(self, op, xs):

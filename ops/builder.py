@@ -133,6 +133,10 @@ def attach_functions(model: onnx.ModelProto) -> onnx.ModelProto:
         bodies.append(body)
     del model.functions[:]
     model.functions.extend(kept + bodies)
+    if not counts:  # e.g. every node lowered to another op: no import of an unused domain
+        kept_imports = [o for o in model.opset_import if o.domain != contract.DOMAIN]
+        del model.opset_import[:]
+        model.opset_import.extend(kept_imports)
     if counts:
         if not any(o.domain == contract.DOMAIN for o in model.opset_import):
             model.opset_import.append(onnx.helper.make_opsetid(contract.DOMAIN, contract.VERSION))

@@ -3,14 +3,16 @@ onnx validity and the untouched rest of the graph (no GPU here: onnxruntime CPU 
 
 from __future__ import annotations
 
+import pathlib
+
 import onnx
 import onnxruntime as ort
 import pytest
 from corpus import entries, load
 from helpers import session_options
+from onnx_groupnorm.rewriter import fuse
 
 from onnx_groupnorm import ops
-from onnx_groupnorm.rewriter import fuse
 
 
 def _attrs(node):
@@ -69,3 +71,16 @@ def test_cpu_provider_has_no_kernel():
     lowered, _ = fuse(load(entry), target="ort-gpu")
     with pytest.raises(Exception, match="NOT_IMPLEMENTED.*GroupNorm"):
         ort.InferenceSession(lowered.SerializeToString(), session_options(), providers=["CPUExecutionProvider"])
+
+
+def test_verify_uses_the_portable_form():
+    """--verify cannot run com.microsoft.GroupNorm on CPU: the same fusion is verified as
+    target=function and the report says so."""
+    import onnx as _onnx
+    from onnx_groupnorm.rewriter import fuse as _fuse
+
+    model = _onnx.load(pathlib.Path(__file__).resolve().parent.parent / "models" / "keras_tf" / "keras_tf_export_nhwc_r4_resblock_g8.onnx")
+    fused, report = _fuse(model, target="ort-gpu", verify=True)
+    assert any(n.op_type == "GroupNorm" and n.domain == "com.microsoft" for n in fused.graph.node)
+    assert report.verification.passed
+    assert "verified as target=function" in report.verification.detail

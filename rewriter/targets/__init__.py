@@ -16,7 +16,7 @@ import onnx_ir as ir
 from ..report import FuseReport
 from . import onnx_standard, ort_cpu, ort_gpu
 
-__all__ = ["TARGETS", "lower", "absorbs_activation_by_default"]
+__all__ = ["TARGETS", "NOT_ON_CPU", "lower", "absorbs_activation_by_default"]
 
 
 def _function(model: ir.Model, report: FuseReport) -> None:
@@ -24,12 +24,22 @@ def _function(model: ir.Model, report: FuseReport) -> None:
 
 
 #: target name -> lowering; targets that cannot hold our op's activation get it unfused first.
+def _onnx(model: ir.Model, report: FuseReport) -> None:
+    """Channels-last layers first move onto the NCHW tensors the exporters' Transposes came
+    from (as for ``ort``), where GroupNormalization-21 can express them; then lower."""
+    ort_cpu.lower(model, report)
+    onnx_standard.lower(model, report)
+
+
 TARGETS: dict[str, Callable[[ir.Model, FuseReport], None]] = {
     "function": _function,
-    "onnx": onnx_standard.lower,
+    "onnx": _onnx,
     "ort": ort_cpu.lower,
     "ort-gpu": ort_gpu.lower,
 }
+
+#: Targets whose output onnxruntime's CPU provider cannot run, and why.
+NOT_ON_CPU = {"ort-gpu": "com.microsoft.GroupNorm has CUDA, ROCm and DirectML kernels only"}
 
 #: Targets whose deployment form benefits from a SiLU absorbed into the op.
 _ABSORB_BY_DEFAULT = {

@@ -340,7 +340,7 @@ def _grow(seed: ir.Node, rank: int, taken: set[ir.Node], alive: set[ir.Node]) ->
             for use in _uses(out):
                 if use.node in region.members:
                     continue
-                if _perm(use.node) == to_first and not use.node.outputs[0].is_graph_output():
+                if _perm(use.node) == to_first:
                     outside.append(("bypass", use.node))
                 else:
                     outside.append(("insert", None))
@@ -468,7 +468,11 @@ def _rewrite(container, region: _Region) -> None:
         back: ir.Value | None = None
         for kind, transpose in uses:
             if kind == "bypass" and transpose is not None and transpose.graph is not None:
-                ir.convenience.replace_all_uses_with(transpose.outputs[0], new_out)
+                back_to_first = transpose.outputs[0]
+                if back_to_first.is_graph_output():  # the NCHW value becomes that output
+                    new_out.type, new_out.shape = back_to_first.type, back_to_first.shape
+                    _set_output(container, back_to_first, new_out)
+                ir.convenience.replace_all_uses_with(back_to_first, new_out)
         if any(kind == "insert" for kind, _ in uses):
             t = _transpose(new_out, to_last, f"{_label(producer_new)}_to_nhwc")
             container.insert_after(producer_new, t)

@@ -54,3 +54,26 @@ def test_negative_model_is_left_alone(entry):
     fused, report = fuse(model)
     assert report.fused == []
     assert fused.SerializeToString() == model.SerializeToString()
+
+
+@pytest.mark.parametrize(
+    "entry",
+    entries(lambda e: e["name"] in {
+        "keras_tf_export_keras_hub_vae_encoder_static", "keras_torch_export_ts_nhwc_r4_block_c32_g8",
+        "keras_jax_export_resblock_gn3", "tf_keras_from_keras_nhwc_r4_g4", "torch_gn_dynamo_block_c32_g8_opset18_dynbatchhw",
+    }),
+)
+def test_fused_model_runs_in_a_second_runtime(entry):
+    """The portability claim: onnx's ReferenceEvaluator runs the fused model through our
+    function bodies (inlined first: it looks schemas up by op type alone, see
+    test_op_function) and reproduces the framework's outputs."""
+    import onnx.inliner
+    from onnx.reference import ReferenceEvaluator
+
+    fused, _ = fuse(load(entry))
+    inputs, expected = data(entry)
+    evaluator = ReferenceEvaluator(onnx.inliner.inline_local_functions(fused))
+    feeds = {i.name: x for i, x in zip(fused.graph.input, inputs)}
+    tol = entry["tolerance"]
+    for a, e in zip(evaluator.run(None, feeds), expected, strict=True):
+        np.testing.assert_allclose(a.astype(np.float64), e.astype(np.float64), rtol=tol["rtol"], atol=tol["atol"])

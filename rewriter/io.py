@@ -12,7 +12,7 @@ import tempfile
 import onnx
 from google.protobuf.message import DecodeError
 
-__all__ = ["ModelFileError", "load_model", "save_model", "check_output_path", "EXTERNAL_DATA_THRESHOLD"]
+__all__ = ["ModelFileError", "load_model", "save_model", "save_text", "check_output_path", "EXTERNAL_DATA_THRESHOLD"]
 
 #: Protobuf cannot serialise a message over 2 GiB: above this we write tensors as external data.
 EXTERNAL_DATA_THRESHOLD = 2**31 - 2**20
@@ -83,3 +83,16 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> None:
             raise ModelFileError(f"{path}: cannot write the model: {e}") from e
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def save_text(text: str, path: str | os.PathLike) -> None:
+    """Write ``text`` to ``path`` atomically (a temporary file beside it, then a rename)."""
+    path = pathlib.Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        pathlib.Path(tmp).unlink(missing_ok=True)
+        raise ModelFileError(f"{path}: cannot write: {e}") from e

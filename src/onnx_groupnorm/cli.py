@@ -66,7 +66,7 @@ def _fuse(args) -> int:
     )
     print(report.summary())
     if args.report is not None:
-        args.report.write_text(report.to_json() + "\n", encoding="utf-8")
+        io.save_text(report.to_json() + "\n", args.report)
     if report.verification is not None and not report.verification.passed:
         print(f"error: {args.input}: the fused model differs from the original beyond the tolerance; {args.output} not written", file=sys.stderr)
         return EXIT_VERIFY_FAILED

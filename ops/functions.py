@@ -198,6 +198,9 @@ def _build(variant: Variant, opset: int) -> onnx.FunctionProto:
     ZEROS_C = onnx.numpy_helper.from_array(np.zeros(C, _np_type(COMPUTE)), "zeros_c")
     INV_CG = onnx.numpy_helper.from_array(np.array(1.0 / CG if CG else 0.0, _np_type(COMPUTE)), "inv_cg")
 
+    # The three bodies repeat their first and last lines (the float32 stash Cast, SiLU, the
+    # Cast back): an onnxscript helper function would become a nested function in every
+    # model, and onnxruntime ignores overloads in nested calls (see ops.builder).
     if variant.layout == "cf":
 
         @script(_CUSTOM_OPSET, default_opset=op)

@@ -12,14 +12,12 @@ import tempfile
 import onnx
 from google.protobuf.message import DecodeError
 
+from .errors import ModelFileError
+
 __all__ = ["ModelFileError", "load_model", "save_model", "save_text", "check_output_path", "EXTERNAL_DATA_THRESHOLD"]
 
 #: Protobuf cannot serialise a message over 2 GiB: above this we write tensors as external data.
 EXTERNAL_DATA_THRESHOLD = 2**31 - 2**20
-
-
-class ModelFileError(ValueError):
-    """A model file that cannot be read or written; the message names the file."""
 
 
 def load_model(path: str | os.PathLike) -> onnx.ModelProto:

@@ -16,7 +16,7 @@ import onnx_ir as ir
 from ..report import FuseReport
 from . import onnx_standard, ort_cpu, ort_gpu
 
-__all__ = ["TARGETS", "NOT_ON_CPU", "lower", "absorbs_activation_by_default"]
+__all__ = ["DEFAULT_TARGET", "TARGETS", "NOT_ON_CPU", "lower", "absorbs_activation_by_default"]
 
 
 def _function(model: ir.Model, report: FuseReport) -> None:
@@ -37,6 +37,9 @@ TARGETS: dict[str, Callable[[ir.Model, FuseReport], None]] = {
     "ort": ort_cpu.lower,
     "ort-gpu": ort_gpu.lower,
 }
+
+#: What ``fuse`` and the CLI use when no target is named.
+DEFAULT_TARGET = "function"
 
 #: Targets whose output onnxruntime's CPU provider cannot run, and why.
 NOT_ON_CPU = {"ort-gpu": "com.microsoft.GroupNorm has CUDA, ROCm and DirectML kernels only"}

@@ -10,7 +10,7 @@ import onnx
 from . import contract
 from .functions import Variant, function_proto, variant_for
 
-__all__ = ["make_node", "make_model", "attach_functions", "IR_VERSION"]
+__all__ = ["make_node", "make_model", "attach_functions", "assign_overloads", "IR_VERSION", "VARIANT_KEY"]
 
 #: Function overloads need IR version 10.
 IR_VERSION = 10
@@ -84,6 +84,30 @@ def _variant_of(node: onnx.NodeProto, default: str | None) -> str:
     return default
 
 
+def assign_overloads(top: Sequence, nested: Sequence, old_default: str | None) -> tuple[str | None, dict[str, int]]:
+    """Choose the default variant and set every node's overload ("" for the default).
+
+    ``top``: our nodes in the main graph and its subgraphs; ``nested``: those inside
+    model-local functions (NodeProtos or onnx-ir Nodes: only ``name`` and ``overload`` are
+    read). Returns the default variant and how many nodes use each variant.
+    """
+    variants = {id(n): _variant_of(n, old_default) for n in [*top, *nested]}
+    nested_variants = sorted({variants[id(n)] for n in nested})
+    if len(nested_variants) > 1:
+        raise ValueError(
+            "onnxruntime ignores function overloads inside model-local functions, so all our "
+            f"GroupNormalization nodes inside functions must share one variant; found {nested_variants}"
+        )
+    counts: dict[str, int] = {}
+    for v in variants.values():
+        counts[v] = counts.get(v, 0) + 1
+    default = nested_variants[0] if nested_variants else (max(sorted(counts), key=counts.get) if counts else None)
+    for node in [*top, *nested]:
+        variant = variants[id(node)]
+        node.overload = "" if variant == default else variant
+    return default, counts
+
+
 def attach_functions(model: onnx.ModelProto) -> onnx.ModelProto:
     """Give every variant of our op used in ``model`` its function body, in place.
 
@@ -108,20 +132,7 @@ def attach_functions(model: onnx.ModelProto) -> onnx.ModelProto:
         for node in function.node
         if node.domain == contract.DOMAIN and node.op_type == contract.OP_TYPE
     ]
-    variants = {id(n): _variant_of(n, old_default) for n in top + nested}
-    nested_variants = sorted({variants[id(n)] for n in nested})
-    if len(nested_variants) > 1:
-        raise ValueError(
-            "onnxruntime ignores function overloads inside model-local functions, so all our "
-            f"GroupNormalization nodes inside functions must share one variant; found {nested_variants}"
-        )
-    counts: dict[str, int] = {}
-    for v in variants.values():
-        counts[v] = counts.get(v, 0) + 1
-    default = nested_variants[0] if nested_variants else (max(sorted(counts), key=counts.get) if counts else None)
-    for node in top + nested:
-        variant = variants[id(node)]
-        node.overload = "" if variant == default else variant
+    default, counts = assign_overloads(top, nested, old_default)
     kept = [f for f in model.functions if not _is_ours(f)]
     opset = _default_opset(model)
     bodies = []

@@ -24,22 +24,12 @@ def is_our_function(function: ir.Function) -> bool:
 
 def graph_likes(model: ir.Model) -> Iterable[ir.Graph | ir.Function]:
     """The main graph, every subgraph (If/Loop/Scan bodies), and every model-local
-    function except our op's own bodies, with their subgraphs."""
-
-    def graphs_of(graph):
-        yield graph
-        for node in graph:
-            for attr in node.attributes.values():
-                if attr.type == ir.AttributeType.GRAPH:
-                    yield from graphs_of(attr.value)
-                elif attr.type == ir.AttributeType.GRAPHS:
-                    for g in attr.value:
-                        yield from graphs_of(g)
-
-    yield from graphs_of(model.graph)
+    function except our op's own bodies, with their subgraphs (onnx-ir's own walk)."""
+    yield from model.graphs()
     for function in model.functions.values():
         if not is_our_function(function):
-            yield from graphs_of(function)
+            yield function
+            yield from function.subgraphs()
 
 
 def node_config(node: ir.Node) -> contract.GroupNormConfig:

@@ -5,6 +5,8 @@ lazy external data, large constants kept out of shape inference."""
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 
 import numpy as np
 import onnx
@@ -198,3 +200,23 @@ def test_shape_inference_failure_is_one_note_without_a_traceback(caplog):
         _, report = fuse(model)
     assert any(n.startswith("shape inference failed:") for n in report.notes)
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING and r.exc_info]
+
+
+def test_fusing_needs_no_onnxruntime(tmp_path):
+    """onnxruntime is the ``ort`` extra: importing the package and fusing must not need it."""
+    entry = entries(lambda e: e["name"] == "keras_tf_export_nhwc_r4_resblock_g8")[0].values[0]
+    code = (
+        "import sys; sys.modules['onnxruntime'] = None\n"  # any import of it raises ImportError
+        "import onnx\n"
+        "from onnx_groupnorm.rewriter import fuse\n"
+        f"fused, report = fuse(onnx.load({str(MODELS / entry['file'])!r}), target='ort')\n"
+        "assert len(report.fused) == %d, report.summary()\n" % entry["expected_group_norms"]
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+
+
+def test_package_ships_its_type_annotations():
+    import importlib.resources
+
+    assert importlib.resources.files("onnx_groupnorm").joinpath("py.typed").is_file()

@@ -1,0 +1,140 @@
+"""Peak memory and time of a fuse on a model with ~200 MB of weights in external data.
+
+Builds (once, in --workdir) a chain of Conv 3x3 (C=512) + GroupNorm blocks in the form
+TorchScript exports ``torch.nn.GroupNorm`` (Reshape, InstanceNormalization, Reshape, Mul,
+Add), weights in one external ``.data`` file, then fuses it in fresh processes under
+``/usr/bin/time -v`` and prints peak RSS (as a multiple of the weights) and wall time:
+
+* ``proto``: ``onnx.load`` + ``fuse(ModelProto)`` + ``onnx.save`` with external data (what the
+  CLI did before the onnx-ir pass);
+* ``ir``: ``ir.load`` (external tensors lazy, memory-mapped) + ``fuse(ir.Model)`` + ``ir.save``
+  with external data (what the CLI does with the pass).
+
+Goal (issue #8): peak RSS within 2.5x the weights + 300 MiB, under ~3 s per 100 MB.
+``--pythonpath DIR`` measures another checkout (a tree holding ``onnx_groupnorm`` with its
+``ops`` and ``rewriter`` inside) for a before/after table.
+
+    python benchmarks/fuse_memory.py [--workdir /tmp/fuse_memory] [--blocks 21] [--pythonpath DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import re
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+CHANNELS = 512
+GROUPS = 32
+SPATIAL = 8
+
+_RUN = {
+    "proto": """
+import onnx, time
+from onnx_groupnorm.rewriter import fuse
+t = time.perf_counter()
+m = onnx.load({src!r})
+fused, report = fuse(m)
+onnx.save(fused, {dst!r}, save_as_external_data=True, location="out.onnx.data")
+print(f"fused {{len(report.fused)}}; load+fuse+save {{time.perf_counter() - t:.2f}} s")
+""",
+    "ir": """
+import onnx_ir as ir, time
+from onnx_groupnorm.rewriter import fuse
+t = time.perf_counter()
+m = ir.load({src!r})
+fused, report = fuse(m)
+ir.save(fused, {dst!r}, external_data="out.onnx.data")
+print(f"fused {{len(report.fused)}}; load+fuse+save {{time.perf_counter() - t:.2f}} s")
+""",
+}
+
+
+def build(path: pathlib.Path, blocks: int) -> int:
+    """The model, saved with its weights external; returns the weight bytes."""
+    rng = np.random.default_rng(0)
+    nodes, inits = [], []
+    inits.append(numpy_helper.from_array(np.array([0, GROUPS, -1], np.int64), "group_shape"))
+    inits.append(numpy_helper.from_array(np.ones(GROUPS, np.float32), "in_scale"))
+    inits.append(numpy_helper.from_array(np.zeros(GROUPS, np.float32), "in_bias"))
+    x = "x"
+    for i in range(blocks):
+        w = rng.standard_normal((CHANNELS, CHANNELS, 3, 3), dtype=np.float32) * 0.02
+        inits += [
+            numpy_helper.from_array(w, f"conv{i}.weight"),
+            numpy_helper.from_array(rng.standard_normal(CHANNELS, dtype=np.float32), f"conv{i}.bias"),
+            numpy_helper.from_array(rng.normal(1, 0.1, (CHANNELS, 1, 1)).astype(np.float32), f"gn{i}.gamma"),
+            numpy_helper.from_array(rng.normal(0, 0.1, (CHANNELS, 1, 1)).astype(np.float32), f"gn{i}.beta"),
+        ]
+        p = f"b{i}_"
+        nodes += [
+            helper.make_node("Conv", [x, f"conv{i}.weight", f"conv{i}.bias"], [p + "conv"], pads=[1, 1, 1, 1], name=p + "conv"),
+            helper.make_node("Reshape", [p + "conv", "group_shape"], [p + "xg"], name=p + "gn_reshape"),
+            helper.make_node("InstanceNormalization", [p + "xg", "in_scale", "in_bias"], [p + "n"], epsilon=1e-5, name=p + "gn_in"),
+            helper.make_node("Shape", [p + "conv"], [p + "shape"], name=p + "gn_shape"),
+            helper.make_node("Reshape", [p + "n", p + "shape"], [p + "r"], name=p + "gn_restore"),
+            helper.make_node("Mul", [p + "r", f"gn{i}.gamma"], [p + "m"], name=p + "gn_mul"),
+            helper.make_node("Add", [p + "m", f"gn{i}.beta"], [p + "y"], name=p + "gn_add"),
+        ]
+        x = p + "y"
+    shape = [1, CHANNELS, SPATIAL, SPATIAL]
+    graph = helper.make_graph(
+        nodes, "fuse_memory", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info(x, onnx.TensorProto.FLOAT, shape)], initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9)
+    weights = sum(len(i.raw_data) for i in model.graph.initializer)
+    onnx.save(model, path, save_as_external_data=True, location=path.name + ".data")
+    return weights
+
+
+def measure(mode: str, src: pathlib.Path, dst: pathlib.Path, pythonpath: str | None) -> tuple[float, float, str]:
+    """Peak RSS (MiB) and wall seconds of one fuse in a fresh process, and its output."""
+    env = dict(os.environ)
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath
+    code = _RUN[mode].format(src=str(src), dst=str(dst))
+    done = subprocess.run(["/usr/bin/time", "-v", sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    if done.returncode:
+        errors = [line for line in done.stderr.splitlines() if "Error" in line]
+        return float("nan"), float("nan"), "failed: " + (errors[-1] if errors else "see stderr")[:160]
+    rss_kib = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", done.stderr).group(1))
+    wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (.+)", done.stderr).group(1).split(":")
+    seconds = float(wall[-1]) + 60 * float(wall[-2])
+    return rss_kib / 1024, seconds, done.stdout.strip()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", type=pathlib.Path, default=pathlib.Path(tempfile.gettempdir()) / "fuse_memory")
+    parser.add_argument("--blocks", type=int, default=21, help="Conv+GroupNorm blocks (21: ~199 MB of weights)")
+    parser.add_argument("--pythonpath", help="measure the onnx_groupnorm found on this path instead")
+    parser.add_argument("--modes", default="proto,ir")
+    args = parser.parse_args()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    src = args.workdir / f"blocks{args.blocks}.onnx"
+    size_file = src.with_suffix(".bytes")
+    if not src.exists() or not size_file.exists():
+        size_file.write_text(str(build(src, args.blocks)))
+    weights_mib = int(size_file.read_text()) / 2**20
+    print(f"model: {args.blocks} Conv+GroupNorm blocks, {weights_mib:.0f} MiB of weights ({src})")
+    print("| mode | peak RSS MiB | RSS / weights | budget 2.5x+300 MiB | process wall s | load+fuse+save s per 100 MB | output |")
+    print("|---|---|---|---|---|---|---|")
+    for mode in args.modes.split(","):
+        with tempfile.TemporaryDirectory(dir=args.workdir) as out:
+            rss, wall, stdout = measure(mode, src, pathlib.Path(out) / "out.onnx", args.pythonpath)
+        budget = 2.5 * weights_mib + 300
+        inside = re.search(r"save ([0-9.]+) s", stdout)
+        per_100mb = float(inside.group(1)) / (weights_mib * 2**20 / 1e8) if inside else float("nan")
+        print(f"| {mode} | {rss:.0f} | {rss / weights_mib:.2f} | {'within' if rss <= budget else 'OVER'} ({budget:.0f}) | {wall:.1f} | {per_100mb:.2f} | {stdout} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -220,3 +220,26 @@ def test_package_ships_its_type_annotations():
     import importlib.resources
 
     assert importlib.resources.files("onnx_groupnorm").joinpath("py.typed").is_file()
+
+
+def test_input_failing_the_checker_gets_a_note():
+    """The result is held to onnx's checker only when the input passes it."""
+    nodes, _ = keras_dynamo_group_norm("x", "gn_out", SHAPE, 4)
+    odd = onnx.helper.make_node("Relu", ["gn_out"], ["y"], name="odd", not_a_relu_attribute=1)
+    fused, report = fuse(single_model(nodes + [odd], SHAPE))
+    assert len(report.fused) == 1
+    assert any(n.startswith("the input model already fails onnx.checker") and "not_a_relu_attribute" in n for n in report.notes)
+
+
+def test_result_failing_the_checker_raises(monkeypatch):
+    """A fused model the checker refuses (here: our op left without its body and its domain
+    import) is our fault when the input passes: RuntimeError, not a silent bad model."""
+
+    def broken_attach(model):
+        model.opset_imports.pop(ops.DOMAIN)
+        return model
+
+    monkeypatch.setattr(fusion_pass, "attach_functions", broken_attach)
+    model, _ = _keras_model()
+    with pytest.raises(RuntimeError, match="fails onnx.checker although the input passes"):
+        fuse(model)

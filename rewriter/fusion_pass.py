@@ -110,6 +110,11 @@ def _constants_for_inference(model: ir.Model) -> Iterator[bool]:
             value.const_value = tensor
 
 
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:200] if text else type(error).__name__
+
+
 class _Capture(logging.Handler):
     """Takes onnx-ir's shape-inference log records (it logs a failure with a traceback and
     carries on) so that the report gets one line and the user's console none."""
@@ -120,7 +125,7 @@ class _Capture(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         if record.exc_info and self.failure is None:
-            self.failure = str(record.exc_info[1]).strip().splitlines()[0][:200] if str(record.exc_info[1]).strip() else type(record.exc_info[1]).__name__
+            self.failure = _first_line(record.exc_info[1])
             logger.debug("shape inference failed", exc_info=record.exc_info)
 
 
@@ -365,7 +370,7 @@ def _checker_error(model: ir.Model) -> str | None:
         with _initializer_order_kept(model):
             common_passes.CheckerPass()(model)
     except onnx.checker.ValidationError as e:
-        return str(e).strip().splitlines()[0][:200] if str(e).strip() else "ValidationError"
+        return _first_line(e)
     return None
 
 
@@ -464,7 +469,7 @@ class GroupNormFusionPass(ir.passes.InPlacePass):
         except Exception as e:  # the converter cannot upgrade every model
             report.notes.append(
                 f"default-domain opset {opset} is below {contract.MIN_OPSET}, the lowest our function body "
-                f"supports, and onnx.version_converter could not raise it ({str(e).splitlines()[0][:200] if str(e) else type(e).__name__}): nothing fused"
+                f"supports, and onnx.version_converter could not raise it ({_first_line(e)}): nothing fused"
             )
             return ir.passes.PassResult(model, modified=False)
         inner = GroupNormFusionPass(**self._options())

@@ -243,3 +243,16 @@ def test_result_failing_the_checker_raises(monkeypatch):
     model, _ = _keras_model()
     with pytest.raises(RuntimeError, match="fails onnx.checker although the input passes"):
         fuse(model)
+
+
+def test_initializer_order_survives_onnx_irs_c_api_passes():
+    """onnx-ir's shape-inference and checker passes put large initializers back at the end;
+    we keep the input's order (nothing we did not rewrite changes)."""
+    big = onnx.numpy_helper.from_array(np.ones(1024, np.float32), "big_first")
+    small = onnx.numpy_helper.from_array(np.ones(2, np.float32), "small_second")
+    nodes = [onnx.helper.make_node("ReduceSum", ["big_first"], ["s1"]), onnx.helper.make_node("Add", ["x", "s1"], ["a"]), onnx.helper.make_node("Add", ["a", "small_second"], ["y"])]
+    graph = onnx.helper.make_graph(nodes, "g", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2])], [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2])], initializer=[big, small])
+    model = ir.from_proto(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 20)]))
+    fusion_pass._infer_shapes(model)
+    fusion_pass._checker_error(model)
+    assert list(model.graph.initializers) == ["big_first", "small_second"]

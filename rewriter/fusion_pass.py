@@ -12,8 +12,9 @@ The pass rewrites an ``onnx_ir.Model`` in place, in this order:
 4. removal of what the rewrite made dead (onnx-ir's ``RemoveUnusedNodesPass``, with what was
    dead before we came pinned so that it stays), the input's names, types and shapes back;
 5. our function bodies attached (:func:`attach_functions`), and onnx's checker on the result
-   whenever it passed on the input (onnx-ir's ``CheckerPass``: large initializers are
-   checked as typed inputs, so no size limit and no copy of the weights).
+   whenever it passed on the input (onnx-ir's ``CheckerPass``: the main graph's initializers
+   over 1 KB are checked as typed inputs, so no copy of the weights and no file; skipped
+   with a note only if what is left would not fit one protobuf).
 
 Nothing in the pass serialises the weights: external tensors stay lazy and memory-mapped.
 """
@@ -365,6 +366,22 @@ def _default_opset(model: ir.Model) -> int | None:
     return model.opset_imports.get("", model.opset_imports.get("ai.onnx"))
 
 
+#: onnx-ir's checker pass serialises the model without the main graph's large initializers;
+#: what is left (tensors in node attributes, subgraph initializers) must fit in one protobuf.
+_CHECKER_LIMIT = onnx.checker.MAXIMUM_PROTOBUF
+
+
+def _left_in_skeleton(model: ir.Model) -> int:
+    """Bytes of tensors that onnx-ir's C-API passes still serialise."""
+    total = 0
+    for graph_like in graph_likes(model):
+        for node in graph_like:
+            total += sum(attr.as_tensor().nbytes for attr in node.attributes.values() if attr.type == ir.AttributeType.TENSOR)
+        if isinstance(graph_like, ir.Graph) and graph_like is not model.graph:
+            total += sum(v.const_value.nbytes for v in graph_like.initializers.values() if v.const_value is not None)
+    return total
+
+
 def _checker_error(model: ir.Model) -> str | None:
     try:
         with _initializer_order_kept(model):
@@ -405,9 +422,6 @@ class GroupNormFusionPass(ir.passes.InPlacePass):
         self.source = source
         self.report = FuseReport(source=source, target=target)
 
-    def _options(self) -> dict:
-        return dict(target=self.target, keep_standard=self.keep_standard, absorb_activation=self.absorb_activation, check=self.check, source=self.source)
-
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         self.report = report = FuseReport(source=self.source, target=self.target)
         opset = _default_opset(model)
@@ -416,7 +430,11 @@ class GroupNormFusionPass(ir.passes.InPlacePass):
             return ir.passes.PassResult(model, modified=False)
         if opset < contract.MIN_OPSET:
             return self._call_raised(model, opset)
-        input_error = _checker_error(model) if self.check else None
+        check = self.check
+        if check and _left_in_skeleton(model) > _CHECKER_LIMIT:
+            check = False
+            report.notes.append("onnx.checker skipped: over 2 GB of tensors in node attributes or subgraphs (it needs them in one protobuf)")
+        input_error = _checker_error(model) if check else None
 
         snapshot = _Snapshot(model)
         failure = _prepare(model)
@@ -433,7 +451,7 @@ class GroupNormFusionPass(ir.passes.InPlacePass):
         fused_layers = [_fused_layer(n) for g in graph_likes(model) for n in g if is_ours(n) and n not in before]
         targets_module.lower(model, self.target, report)
         snapshot.remove_new_dead_code(model)
-        report.fused = sorted(fused_layers, key=lambda f: f.node)
+        report.fused = fused_layers  # graph order: main graph, its subgraphs, then functions
         snapshot.restore(model)
         alive = {n for g in graph_likes(model) for n in g}
         seen = set()
@@ -445,7 +463,7 @@ class GroupNormFusionPass(ir.passes.InPlacePass):
         modified = bool(report.fused or report.lowered or absorbed)
         if modified:
             attach_functions(model)
-            if self.check:
+            if check:
                 self._check(model, input_error)
         return ir.passes.PassResult(model, modified=modified)
 
@@ -472,7 +490,9 @@ class GroupNormFusionPass(ir.passes.InPlacePass):
                 f"supports, and onnx.version_converter could not raise it ({_first_line(e)}): nothing fused"
             )
             return ir.passes.PassResult(model, modified=False)
-        inner = GroupNormFusionPass(**self._options())
+        inner = GroupNormFusionPass(
+            target=self.target, keep_standard=self.keep_standard, absorb_activation=self.absorb_activation, check=self.check, source=self.source
+        )
         if not inner(raised).modified:
             report.notes.append(f"default-domain opset {opset} is below {contract.MIN_OPSET}: nothing to fuse, the model is unchanged")
             return ir.passes.PassResult(model, modified=False)

@@ -256,3 +256,15 @@ def test_initializer_order_survives_onnx_irs_c_api_passes():
     fusion_pass._infer_shapes(model)
     fusion_pass._checker_error(model)
     assert list(model.graph.initializers) == ["big_first", "small_second"]
+
+
+def test_checker_skipped_with_a_note_when_the_skeleton_is_too_big(monkeypatch):
+    """Large initializers never reach the checker; if what is left (constants in nodes,
+    subgraph initializers) would not fit one protobuf, the check is skipped and said so."""
+    monkeypatch.setattr(fusion_pass, "_CHECKER_LIMIT", 0)
+    checked = []
+    monkeypatch.setattr(fusion_pass, "_checker_error", lambda model: checked.append(model))
+    model, _ = _keras_model()
+    fused, report = fuse(model)
+    assert len(report.fused) == 1 and checked == []
+    assert any(n.startswith("onnx.checker skipped") for n in report.notes)

@@ -183,9 +183,11 @@ def test_rule_set_composes_with_an_onnx_ir_pass_manager():
     assert len(_ours(ir.to_proto(result.model).graph.node)) == 1
 
 
-def test_opset_below_13_is_raised_only_when_something_fuses(rng):
+@pytest.mark.parametrize("as_ir", [False, True], ids=["ModelProto", "ir.Model"])
+def test_opset_below_13_is_raised_only_when_something_fuses(rng, as_ir):
     """tf2onnx-style pattern at opset 11 (ReduceMean with an axes attribute): the opset goes to
-    13, the minimum of our function body; a model with nothing to fuse keeps its opset."""
+    13, the minimum of our function body; a model with nothing to fuse keeps its opset. An
+    onnx_ir.Model is raised in place (the same object comes back)."""
     from keras_graphs import Builder, keras_group_norm
 
     def moments(b, xs, ctx):
@@ -196,7 +198,13 @@ def test_opset_below_13_is_raised_only_when_something_fuses(rng):
     b = Builder()
     gn = keras_group_norm(b, "x", SHAPE, 4, moments)
     model = b.model([("x", onnx.TensorProto.FLOAT, list(SHAPE))], [(gn.y, onnx.TensorProto.FLOAT, list(SHAPE))], opset=11)
-    fused, report = fuse(model, verify=True)
+    if as_ir:
+        ir_model = ir.from_proto(model)
+        result, report = fuse(ir_model, verify=True)
+        assert result is ir_model
+        fused = ir.to_proto(ir_model)
+    else:
+        fused, report = fuse(model, verify=True)
     assert len(report.fused) == 1 and report.verification.passed
     assert "raised from 11 to 13" in report.notes[0]
     assert {o.domain: o.version for o in fused.opset_import}[""] == 13

@@ -14,7 +14,7 @@ Goal (issue #8): peak RSS within 2.5x the weights + 300 MiB, under ~3 s per 100 
 ``--pythonpath DIR`` measures another checkout (a tree holding ``onnx_groupnorm`` with its
 ``ops`` and ``rewriter`` inside) for a before/after table.
 
-    python benchmarks/fuse_memory.py [--workdir /tmp/fuse_memory] [--blocks 21] [--pythonpath DIR]
+    python benchmarks/fuse_memory.py [--workdir /tmp/fuse_memory] [--blocks 21] [--constant-mib 64] [--pythonpath DIR]
 """
 
 from __future__ import annotations
@@ -57,8 +57,10 @@ print(f"fused {{len(report.fused)}}; load+fuse+save {{time.perf_counter() - t:.2
 }
 
 
-def build(path: pathlib.Path, blocks: int) -> int:
-    """The model, saved with its weights external; returns the weight bytes."""
+def build(path: pathlib.Path, blocks: int, constant_mib: int) -> int:
+    """The model, saved with its weights external; returns the weight bytes. ``constant_mib``
+    adds a 1-D int64 Constant node of that size on a side branch (the case where onnx's shape
+    inference with data propagation took ~57x the constant)."""
     rng = np.random.default_rng(0)
     nodes, inits = [], []
     inits.append(numpy_helper.from_array(np.array([0, GROUPS, -1], np.int64), "group_shape"))
@@ -84,13 +86,24 @@ def build(path: pathlib.Path, blocks: int) -> int:
             helper.make_node("Add", [p + "m", f"gn{i}.beta"], [p + "y"], name=p + "gn_add"),
         ]
         x = p + "y"
+    weights = sum(len(i.raw_data) for i in inits)
+    if constant_mib:
+        table = numpy_helper.from_array(np.arange(constant_mib * 2**20 // 8, dtype=np.int64), "table")
+        weights += len(table.raw_data)
+        nodes += [
+            helper.make_node("Constant", [], ["table"], value=table, name="table"),
+            helper.make_node("Add", ["table", "table"], ["table2"], name="table_add"),
+            helper.make_node("ReduceMax", ["table2"], ["table_max"], keepdims=0, name="table_max"),
+            helper.make_node("Cast", ["table_max"], ["table_f"], to=onnx.TensorProto.FLOAT, name="table_cast"),
+            helper.make_node("Add", [x, "table_f"], ["with_table"], name="with_table"),
+        ]
+        x = "with_table"
     shape = [1, CHANNELS, SPATIAL, SPATIAL]
     graph = helper.make_graph(
         nodes, "fuse_memory", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, shape)],
         [helper.make_tensor_value_info(x, onnx.TensorProto.FLOAT, shape)], initializer=inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9)
-    weights = sum(len(i.raw_data) for i in model.graph.initializer)
     onnx.save(model, path, save_as_external_data=True, location=path.name + ".data")
     return weights
 
@@ -115,16 +128,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=pathlib.Path, default=pathlib.Path(tempfile.gettempdir()) / "fuse_memory")
     parser.add_argument("--blocks", type=int, default=21, help="Conv+GroupNorm blocks (21: ~199 MB of weights)")
+    parser.add_argument("--constant-mib", type=int, default=0, help="add a 1-D int64 Constant node of this size (MiB)")
     parser.add_argument("--pythonpath", help="measure the onnx_groupnorm found on this path instead")
     parser.add_argument("--modes", default="proto,ir")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
-    src = args.workdir / f"blocks{args.blocks}.onnx"
+    src = args.workdir / f"blocks{args.blocks}_constant{args.constant_mib}.onnx"
     size_file = src.with_suffix(".bytes")
     if not src.exists() or not size_file.exists():
-        size_file.write_text(str(build(src, args.blocks)))
+        size_file.write_text(str(build(src, args.blocks, args.constant_mib)))
     weights_mib = int(size_file.read_text()) / 2**20
-    print(f"model: {args.blocks} Conv+GroupNorm blocks, {weights_mib:.0f} MiB of weights ({src})")
+    extra = f" + a {args.constant_mib} MiB int64 Constant node" if args.constant_mib else ""
+    print(f"model: {args.blocks} Conv+GroupNorm blocks{extra}, {weights_mib:.0f} MiB of weights and constants ({src})")
     print("| mode | peak RSS MiB | RSS / weights | budget 2.5x+300 MiB | process wall s | load+fuse+save s per 100 MB | output |")
     print("|---|---|---|---|---|---|---|")
     for mode in args.modes.split(","):

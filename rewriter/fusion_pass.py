@@ -235,6 +235,7 @@ class _Snapshot:
 
     def __init__(self, model: ir.Model) -> None:
         self.node_names: dict[ir.Node, str | None] = {}
+        self.input_counts: dict[ir.Node, int] = {}
         self.value_names: dict[ir.Value, str | None] = {}
         self.value_types: dict[ir.Value, tuple] = {}
         self.unused: dict[ir.Graph | ir.Function, list[ir.Value]] = {}
@@ -242,6 +243,7 @@ class _Snapshot:
             outputs = set(graph_like.outputs)
             for node in graph_like:
                 self.node_names[node] = node.name
+                self.input_counts[node] = len(node.inputs)
             for value in _all_values(graph_like):
                 self.value_names[value] = value.name
                 self.value_types[value] = (value.type, value.shape)
@@ -269,13 +271,16 @@ class _Snapshot:
                 del graph_like.outputs[len(graph_like.outputs) - count :]
 
     def restore(self, model: ir.Model) -> None:
-        """The input's node and value names (onnxscript renames on clashes), types and
-        shapes; inferred shapes on new values dropped (we add no value_info)."""
+        """The input's node and value names (onnxscript renames on clashes), trailing empty
+        inputs, types and shapes; inferred shapes on new values dropped (we add no value_info)."""
         for graph_like in graph_likes(model):
             taken = {v.name for v in _all_values(graph_like)}
             for node in graph_like:
                 if node in self.node_names:
                     node.name = self.node_names[node]
+                    # RemoveUnusedNodesPass drops trailing empty inputs (``Clip(x, lo, "")``).
+                    if len(node.inputs) < self.input_counts[node]:
+                        node.resize_inputs(self.input_counts[node])
             for value in _all_values(graph_like):
                 if value in self.value_names:
                     old = self.value_names[value]

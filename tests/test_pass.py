@@ -113,11 +113,16 @@ def test_dead_nodes_and_unused_initializers_of_the_input_are_kept():
     nodes, _ = keras_dynamo_group_norm("x", "y", SHAPE, 4)
     dead = onnx.helper.make_node("Shape", ["x"], ["dead_shape"], name="dead_before")
     unused = onnx.numpy_helper.from_array(np.arange(3, dtype=np.float32), "unused_before")
-    fused, report = fuse(single_model(nodes + [dead], SHAPE, initializer=[unused]))
+    # A node we do not rewrite keeps its trailing empty input too.
+    lo = onnx.numpy_helper.from_array(np.array(0, np.float32), "lo")
+    nodes[-1].output[0] = "gn_out"
+    clip = onnx.helper.make_node("Clip", ["gn_out", "lo", ""], ["y"], name="clip_kept")
+    fused, report = fuse(single_model(nodes + [clip, dead], SHAPE, initializer=[unused, lo]))
     assert len(report.fused) == 1
     assert "dead_before" in {n.name for n in fused.graph.node}
     assert "unused_before" in {i.name for i in fused.graph.initializer}
-    assert {n.op_type for n in fused.graph.node} == {"GroupNormalization", "Shape"}
+    assert {n.op_type for n in fused.graph.node} == {"GroupNormalization", "Clip", "Shape"}
+    assert [list(n.input) for n in fused.graph.node if n.name == "clip_kept"] == [["gn_out", "lo", ""]]
 
 
 @pytest.mark.parametrize("entry", entries(lambda e: not e["negative"]))

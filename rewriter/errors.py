@@ -38,6 +38,7 @@ def one_line(error: BaseException | str, limit: int = _QUOTE) -> str:
 def _onnxruntime_reason(text: str) -> str:
     """onnxruntime's message without its code prefix and C++ source location."""
     text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text.strip())
+    text = re.sub(r"^Load model from .*? failed:\s*", "", text)
     if re.search(r"\.(cc|h|cpp):\d+ ", text):
         text = text.rsplit(") ", 1)[-1]  # after "file.cc:256 onnxruntime::Fn(args...) "
     return text
@@ -57,7 +58,7 @@ def _kind(error: BaseException) -> str | None:
     module = type(error).__module__ or ""
     name = type(error).__name__
     if name == "DecodeError" and module.startswith("google.protobuf"):
-        return "not an ONNX model (protobuf parse failed: the file is truncated or not ONNX)"
+        return "not an ONNX model (the file is truncated or not ONNX; protobuf says)"
     if name == "SerdeError" and module.startswith("onnx_ir"):
         return "malformed model"
     if name == "ValidationError" and module.startswith("onnx"):
@@ -84,4 +85,4 @@ def model_file_error(error: BaseException, path: str | os.PathLike) -> ModelFile
     detail = one_line(_onnxruntime_reason(str(cause)) if kind.startswith("onnxruntime") else cause)
     if isinstance(error, OSError) and error.strerror:
         detail = f"{error.strerror}: {error.filename}" if error.filename else error.strerror
-    return ModelFileError(f"{os.fspath(path)}: {kind}" + (f" ({detail})" if detail else ""))
+    return ModelFileError(f"{os.fspath(path)}: {kind}" + (f": {detail}" if detail else ""))

@@ -234,6 +234,14 @@ def _sigterm_unwinds() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+class _OursOrErrors(logging.Filter):
+    """At default verbosity, other libraries' warnings (onnx-ir's notes on invalid models,
+    repeated per node) are left to -v; ours and every error are shown."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR or record.name.startswith("onnx_groupnorm")
+
+
 class _NoTraceback(logging.Filter):
     """Libraries log exceptions with exc_info (onnx-ir's ShapeInferencePass does, with a
     "%s" it never fills): keep the message and the exception's first line, drop the
@@ -260,6 +268,7 @@ def _logging(args) -> Iterator[None]:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(levelname)s: %(name)s: %(message)s"))
     if not args.verbose:
+        handler.addFilter(_OursOrErrors())
         handler.addFilter(_NoTraceback())
     root = logging.getLogger()
     level = logging.DEBUG if args.verbose else logging.ERROR if args.quiet else logging.WARNING

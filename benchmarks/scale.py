@@ -1,5 +1,7 @@
 """How fusing scales: wall time of load / fuse / save and peak RSS, one child process per
-point (peak RSS from ``os.wait4`` of that child, as /usr/bin/time reports it).
+point. Peak RSS is the child's own VmHWM (/proc/self/status) at its end: ``getrusage`` /
+``wait4`` (and /usr/bin/time) would report the parent's size at fork instead when that is
+larger, because Linux carries ru_maxrss across exec.
 
 Points:
 
@@ -47,7 +49,8 @@ fused = cli._external_rebased(fused, io.pathlib.Path(sys.argv[1]))
 t3 = time.perf_counter()
 io.save_model(fused, sys.argv[2], input_path=sys.argv[1])
 t4 = time.perf_counter()
-print(json.dumps({"import": t1 - t0, "load": t2 - t1, "fuse": t3 - t2, "save": t4 - t3, "fused": len(report.fused)}))
+hwm = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print(json.dumps({"import": t1 - t0, "load": t2 - t1, "fuse": t3 - t2, "save": t4 - t3, "fused": len(report.fused), "peak_rss": hwm * 1024}))
 """
 
 
@@ -128,16 +131,33 @@ def build(path: pathlib.Path, blocks: int, c: int, groups: int, hw: int, *, exte
 
 
 def measure(model: pathlib.Path, out: pathlib.Path, target: str) -> dict:
-    """Run the child on ``model``; its timings and its own peak RSS."""
-    child = subprocess.Popen([sys.executable, "-c", _CHILD, str(model), str(out), target], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    stdout, stderr = child.stdout.read(), child.stderr.read()
-    _, status, usage = os.wait4(child.pid, 0)
-    child.returncode = os.waitstatus_to_exitcode(status)
+    """Run the child on ``model``: its timings and its peak RSS."""
+    child = subprocess.run([sys.executable, "-c", _CHILD, str(model), str(out), target], capture_output=True, text=True)
     if child.returncode:
-        return {"error": f"exit {child.returncode}: {stderr.strip().splitlines()[-1] if stderr.strip() else ''}"}
-    result = json.loads(stdout.strip().splitlines()[-1])
-    result["peak_rss"] = usage.ru_maxrss * 1024  # kB on Linux
-    return result
+        last = child.stderr.strip().splitlines()[-1] if child.stderr.strip() else ""
+        return {"error": f"exit {child.returncode}: {last}"}
+    return json.loads(child.stdout.strip().splitlines()[-1])
+
+
+_CHECK = r"""
+import sys, numpy as np, onnxruntime as ort
+so = ort.SessionOptions(); so.log_severity_level = 3
+outs = []
+for path in sys.argv[1:3]:
+    s = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).standard_normal([d if isinstance(d, int) else 1 for d in s.get_inputs()[0].shape]).astype(np.float32)
+    outs.append(s.run(None, {s.get_inputs()[0].name: x})[0]); del s
+print(float(np.abs(outs[0] - outs[1]).max()), float(np.abs(outs[0]).max()))
+"""
+
+
+def check(model: pathlib.Path, out: pathlib.Path) -> str:
+    """max |fused - input| in onnxruntime on one random input (sessions one after the other)."""
+    done = subprocess.run([sys.executable, "-c", _CHECK, str(model), str(out)], capture_output=True, text=True)
+    if done.returncode:
+        return f"onnxruntime failed: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}"
+    error, scale = done.stdout.split()
+    return f"max |fused - input| = {float(error):.3g} (outputs up to {float(scale):.3g})"
 
 
 def _size(model: pathlib.Path) -> int:
@@ -166,6 +186,7 @@ def main() -> None:
     parser.add_argument("--target", default="function")
     parser.add_argument("--keep", type=pathlib.Path, help="build the models here (default: a temporary folder, removed)")
     parser.add_argument("--sizes", default="1,10,100,1000")
+    parser.add_argument("--check", action="store_true", help="run input and output in onnxruntime and compare (needs ~2x the largest model in RAM)")
     args = parser.parse_args()
 
     work = args.keep or pathlib.Path(tempfile.mkdtemp(prefix="onnx-groupnorm-scale-"))
@@ -174,7 +195,7 @@ def main() -> None:
     print()
     print("| model | size MiB | layers / fused | load s | fuse s | fuse ms/layer | fuse s/100 MB | save s | peak RSS MiB | goal MiB | within |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
-    points = []
+    points, checks = [], []
     for n in (int(s) for s in args.sizes.split(",")):
         folder = work / f"chain{n}"
         folder.mkdir(exist_ok=True)
@@ -198,8 +219,12 @@ def main() -> None:
         if layers < 0:
             layers = result.get("fused", 0)
         print(_row(name, size, layers, result), flush=True)
+        if args.check and "error" not in result:
+            checks.append(f"{name}: {check(path, out)}")
         for p in out.parent.iterdir():
             p.unlink()
+    for line in checks:
+        print(f"- {line}")
     if not args.keep:
         import shutil
 

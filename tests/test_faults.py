@@ -413,3 +413,39 @@ def test_stale_temp_folders_of_dead_processes_are_removed(export, tmp_path, caps
     code, _, err = _run(["fuse", export, "-o", tmp_path / "o.onnx"], capsys)
     assert code == cli.EXIT_OK, err
     assert not stale.exists() and alive.exists()
+
+
+@pytest.mark.slow
+def test_a_real_file_over_2_gb(tmp_path, capsys):
+    """Above the real threshold: a 2.1 GB initializer in a sparse external data file (no
+    disk used for the input), fused and written with its own data file beside the output."""
+    from helpers import keras_dynamo_group_norm, single_model
+
+    shape = (2, 6, 6, 16)
+    nodes, _ = keras_dynamo_group_norm("x", "y", shape, 4)
+    nodes += [onnx.helper.make_node("Gather", ["big", "first"], ["picked"]), onnx.helper.make_node("Add", ["y", "picked"], ["z"])]
+    model = single_model(nodes, shape, y="z")
+    # 2-D: onnx's shape inference with data propagation (the pipeline runs it) expands a
+    # 1-D operand of Gather element by element, ~6x its size in RAM (13 GB here).
+    count = (io.EXTERNAL_DATA_THRESHOLD + 2**26) // 4 // 16 * 16
+    big = onnx.TensorProto(name="big", data_type=onnx.TensorProto.FLOAT, dims=[count // 16, 16])
+    big.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", "model.onnx.data"), ("offset", "0"), ("length", str(4 * count))):
+        big.external_data.add(key=key, value=value)
+    model.graph.initializer.extend([big, onnx.numpy_helper.from_array(np.array([0], np.int64), "first")])
+    folder = tmp_path / "in"
+    folder.mkdir()
+    with open(folder / "model.onnx.data", "wb") as f:
+        f.truncate(4 * count)  # sparse: reads as zeros
+    (folder / "model.onnx").write_bytes(model.SerializeToString())
+    before = _digest([folder / "model.onnx"])
+    out = tmp_path / "fused.onnx"
+    code, text, err = _run(["fuse", folder / "model.onnx", "-o", out], capsys)
+    assert code == cli.EXIT_OK, err
+    assert "fused 1 GroupNormalization layer" in text
+    fused = onnx.load(out, load_external_data=False)
+    (written,) = [t for t in fused.graph.initializer if t.name == "big"]
+    assert {e.key: e.value for e in written.external_data}["location"] == "fused.onnx.data"
+    assert (tmp_path / "fused.onnx.data").stat().st_size >= 4 * count
+    assert _digest([folder / "model.onnx"]) == before and (folder / "model.onnx.data").stat().st_size == 4 * count
+    assert not _temps(tmp_path, folder)

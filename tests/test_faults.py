@@ -449,3 +449,18 @@ def test_a_real_file_over_2_gb(tmp_path, capsys):
     assert (tmp_path / "fused.onnx.data").stat().st_size >= 4 * count
     assert _digest([folder / "model.onnx"]) == before and (folder / "model.onnx.data").stat().st_size == 4 * count
     assert not _temps(tmp_path, folder)
+
+
+def test_save_model_takes_a_model_proto_and_refuses_the_inputs_files(external_export, tmp_path, monkeypatch):
+    """The library API: a ModelProto is written like an ir.Model (external data above the
+    threshold), and input_path protects the input and its data files."""
+    monkeypatch.setattr(io, "EXTERNAL_DATA_THRESHOLD", LOW_THRESHOLD)
+    proto = onnx.load(external_export)  # weights loaded into the proto
+    out = tmp_path / "api.onnx"
+    io.save_model(proto, out, input_path=external_export)
+    assert (tmp_path / "api.onnx.data").exists()
+    _assert_matches_export(out, _entry())
+    for target in (external_export, external_export.parent / "weights.bin"):
+        with pytest.raises(io.ModelFileError, match="is the input model or one of its data files"):
+            io.save_model(proto, target, input_path=external_export)
+    assert not _temps(tmp_path, external_export.parent)

@@ -316,6 +316,14 @@ def _external_outside_folder(model, folder):
     return _external(model, folder, move_away)
 
 
+def _external_fifo(model, folder):
+    def fifo(p):
+        p.unlink()
+        os.mkfifo(p)  # reading it would block forever
+
+    return _external(model, folder, fifo)
+
+
 @pytest.mark.parametrize(
     "damage,verify,message",
     [
@@ -327,6 +335,7 @@ def _external_outside_folder(model, folder):
         (_missing_external, False, "cannot read the external data"),
         (_truncated_external, False, "malformed initializer"),
         (_external_outside_folder, False, "resolves outside the model's folder"),
+        (_external_fifo, False, "is a FIFO"),
     ],
 )
 def test_malformed_model_is_one_line_exit_2(damage, verify, message, tmp_path, capsys):
@@ -336,7 +345,7 @@ def test_malformed_model_is_one_line_exit_2(damage, verify, message, tmp_path, c
     path = folder / "model.onnx"
     if not damage(model, folder):
         onnx.save(model, path)
-    files = [p for p in folder.iterdir() if p.is_file()]
+    files = [p for p in folder.iterdir() if stat.S_ISREG(os.lstat(p).st_mode)]
     before = _digest(files)
     out = tmp_path / "o.onnx"
     code, _, err = _run(["fuse", path, "-o", out] + (["--verify"] if verify else []), capsys)

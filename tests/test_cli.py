@@ -224,12 +224,15 @@ def test_quiet_prints_nothing_on_success(model_path, tmp_path, capsys):
     assert capsys.readouterr() == ("", "")
 
 
-def test_inspect_says_when_the_model_is_already_fused(model_path, tmp_path, capsys):
+@pytest.mark.parametrize("target", ["function", "ort-gpu"])
+def test_inspect_says_when_the_model_is_already_fused(target, model_path, tmp_path, capsys):
     out = tmp_path / "o.onnx"
-    assert cli.main(["fuse", str(model_path), "-o", str(out)]) == cli.EXIT_OK
+    assert cli.main(["fuse", str(model_path), "-o", str(out), "--target", target]) == cli.EXIT_OK
     capsys.readouterr()
     assert cli.main(["inspect", str(out)]) == cli.EXIT_OK
-    assert f"{out}: already fused: 1 node(s) of our op" in capsys.readouterr().out
+    assert f"{out}: already fused: 1 GroupNormalization node(s) of ours" in capsys.readouterr().out
+    assert cli.main(["inspect", str(model_path)]) == cli.EXIT_OK
+    assert "already fused" not in capsys.readouterr().out
 
 
 def test_report_has_the_permissions_of_a_new_file(model_path, tmp_path):

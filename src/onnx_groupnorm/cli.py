@@ -185,9 +185,12 @@ def _check_verifiable(target: str) -> None:
 
 
 def _already_fused(model) -> list[str]:
+    """Nodes of our op, or of its ort-gpu form (com.microsoft.GroupNorm)."""
     from .ops import contract
+    from .rewriter.targets import ort_gpu
 
-    return [node.name or node.op_type for graph in model.graphs() for node in graph if node.domain == contract.DOMAIN]
+    ours = {(contract.DOMAIN, contract.OP_TYPE), (ort_gpu.MS_DOMAIN, ort_gpu.MS_OP)}
+    return [node.name or node.op_type for graph in model.graphs() for node in graph if (node.domain, node.op_type) in ours]
 
 
 def _inspect(args) -> int:
@@ -203,7 +206,7 @@ def _inspect(args) -> int:
         print(json.dumps({"source": data["source"], "already_fused": ours, "would_fuse": data["fused"], "skipped": data["skipped"], "notes": data["notes"]}, indent=2))
         return EXIT_OK
     if ours:
-        _say(args, f"{args.input}: already fused: {len(ours)} node(s) of our op ({', '.join(ours[:5])}{', ...' if len(ours) > 5 else ''})")
+        _say(args, f"{args.input}: already fused: {len(ours)} GroupNormalization node(s) of ours ({', '.join(ours[:5])}{', ...' if len(ours) > 5 else ''})")
     _say(args, f"{args.input}: {len(report.fused)} GroupNormalization candidate(s) would fuse, {len(report.skipped)} would not")
     for f in report.fused:
         _say(args, f"  would fuse {f.node} ({f.rule}): groups={f.groups} axis={f.axis} epsilon={f.epsilon:g} channels={f.channels} center={f.center} scale={f.scale}")

@@ -324,10 +324,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return EXIT_BAD_INPUT
         except KeyboardInterrupt:
-            print(f"interrupted: {args.input} unchanged, nothing written", file=sys.stderr)
+            print(f"interrupted: {args.input} is unchanged and no partial output is left", file=sys.stderr)
             return EXIT_INTERRUPTED
         except _Terminated:
-            print(f"terminated: {args.input} unchanged, nothing written", file=sys.stderr)
+            print(f"terminated: {args.input} is unchanged and no partial output is left", file=sys.stderr)
             return EXIT_TERMINATED
         except Exception as e:
             logger.debug("error", exc_info=True)

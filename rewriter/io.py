@@ -360,6 +360,61 @@ def _data_name(path: pathlib.Path, protected: set[pathlib.Path]) -> str:
     raise ModelFileError(f"{path}: found no external data file name that the input model does not use")
 
 
+def _key(field: int, length: int) -> bytes:
+    """A length-delimited protobuf field's tag and length."""
+    out = bytearray()
+    for n in ((field << 3) | 2, length):
+        while n > 0x7F:
+            out.append((n & 0x7F) | 0x80)
+            n >>= 7
+        out.append(n)
+    return bytes(out)
+
+
+#: Field numbers in onnx.proto: ModelProto.graph and GraphProto.initializer.
+_MODEL_GRAPH, _GRAPH_INITIALIZER = 7, 5
+
+
+def _write_streamed(model: ir.Model, path: pathlib.Path) -> None:
+    """Write ``model`` as one protobuf file, main-graph initializers one at a time: the rest
+    is serialised without them, then each tensor is appended as an initializer field of the
+    graph (protobuf concatenates repeated fields in any position). Peak memory: the largest
+    tensor, not the model twice over (a ModelProto and its serialised bytes)."""
+    graph = model.graph
+    initializers = list(graph.initializers.values())
+    graph.initializers.clear()
+    try:
+        proto = ir.serde.serialize_model(model)
+    finally:
+        for value in initializers:
+            graph.initializers.add(value)
+    # What serialize_model writes for initializers besides their data: a value_info each
+    # (type, shape, metadata), first in the list, except for those that are graph inputs.
+    inputs = {v.name for v in graph.inputs}
+    described = [
+        ir.serde.serialize_value(v)
+        for v in initializers
+        if v.name not in inputs and v.name and (v.shape is not None or v.type is not None or v.metadata_props or v.doc_string)
+    ]
+    value_info = described + list(proto.graph.value_info)
+    del proto.graph.value_info[:]
+    proto.graph.value_info.extend(value_info)
+    head = proto.graph.SerializeToString()
+    proto.ClearField("graph")
+    sizes = [ir.serde.serialize_tensor(v.const_value).ByteSize() for v in initializers]
+    with open(path, "wb") as f:
+        f.write(proto.SerializeToString())
+        f.write(_key(_MODEL_GRAPH, len(head) + sum(len(_key(_GRAPH_INITIALIZER, n)) + n for n in sizes)))
+        f.write(head)
+        for value, size in zip(initializers, sizes):
+            data = ir.serde.serialize_tensor(value.const_value).SerializeToString()
+            if len(data) != size:  # serialisation is deterministic; never write a corrupt file
+                raise RuntimeError(f"tensor {value.name!r} serialised to {len(data)} bytes, then {size}")
+            f.write(_key(_GRAPH_INITIALIZER, size))
+            f.write(data)
+            del data
+
+
 @contextlib.contextmanager
 def _inline_external(model: ir.Model) -> Iterator[None]:
     """External tensors read into memory for the duration (a model under 2 GB is written
@@ -399,7 +454,7 @@ def save_model(model: ir.Model | onnx.ModelProto, path: str | os.PathLike, *, in
                 ir.save(model, tmp_model, external_data=location, size_threshold_bytes=_EXTERNAL_MIN_BYTES)
             else:
                 with _inline_external(model):
-                    ir.save(model, tmp_model)
+                    _write_streamed(model, tmp_model)
             with _signals_held():
                 if external:
                     os.replace(tmpdir / location, path.parent / location)

@@ -209,8 +209,10 @@ def main() -> None:
         build(path, 15, c=2048, groups=32, hw=4, external=True)
         points.append(("big (15 x Conv 2048x2048x3x3)", path, 15))
     if args.models:
-        for path in sorted(args.models.glob("*.onnx")):
-            points.append((path.stem, path, -1))
+        paths = sorted(args.models.glob("*.onnx"))
+        if any(args.models.glob("*.ready")):  # a writer that marks finished models: only those
+            paths = [p for p in paths if p.with_suffix(".ready").exists()]
+        points += [(path.stem, path, -1) for path in paths]
     for name, path, layers in points:
         out = work / "out" / (path.stem + ".fused.onnx")
         out.parent.mkdir(exist_ok=True)

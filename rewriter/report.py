@@ -57,15 +57,24 @@ class FuseReport:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
-    def summary(self) -> str:
+    def summary(self, nodes: tuple[int, int] | None = None) -> str:
+        """The run in one line (layers by rule, what the target did, ``nodes`` before and
+        after when given), then one line per layer, skip, note and the verification."""
         lines = []
         name = f"{self.source}: " if self.source else ""
         by_rule = Counter(f.rule for f in self.fused)
         if by_rule:
             rules = ", ".join(f"{n} by {r}" for r, n in sorted(by_rule.items()))
-            lines.append(f"{name}fused {len(self.fused)} GroupNormalization layer(s) ({rules})")
+            head = f"{name}fused {len(self.fused)} GroupNormalization layer(s) ({rules})"
         else:
-            lines.append(f"{name}fused no GroupNormalization layer")
+            head = f"{name}fused no GroupNormalization layer"
+        removed = sum(entry.get("transposes_removed", 0) for entry in self.lowered)
+        inserted = sum(entry.get("transposes_inserted", 0) for entry in self.lowered)
+        if removed or inserted:
+            head += f"; target {self.target}: {removed} Transpose(s) removed, {inserted} inserted"
+        if nodes is not None:
+            head += f"; nodes {nodes[0]} -> {nodes[1]}"
+        lines.append(head)
         for f in self.fused:
             lines.append(
                 f"  {f.node}: groups={f.groups} axis={f.axis} epsilon={f.epsilon:g} channels={f.channels}"

@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import stat
 
 import onnx
 import pytest
 from helpers import keras_dynamo_group_norm, single_model
 
 from onnx_groupnorm import __version__, cli
+from onnx_groupnorm.rewriter import TARGETS
 
 SHAPE = (2, 6, 6, 16)
 
@@ -169,8 +171,11 @@ def test_external_data_is_read_and_written(tmp_path, capsys):
 
 
 def test_unknown_target(model_path, tmp_path, capsys):
-    assert cli.main(["fuse", str(model_path), "-o", str(tmp_path / "o.onnx"), "--target", "tpu"]) == cli.EXIT_BAD_INPUT
-    assert "unknown --target 'tpu'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["fuse", str(model_path), "-o", str(tmp_path / "o.onnx"), "--target", "tpu"])
+    assert exit_info.value.code == cli.EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert "invalid choice: 'tpu'" in err and all(name in err for name in TARGETS)
 
 
 def test_internal_error_exits_3_naming_the_file(model_path, tmp_path, monkeypatch, capsys):
@@ -185,3 +190,93 @@ def test_internal_error_exits_3_naming_the_file(model_path, tmp_path, monkeypatc
     err = capsys.readouterr().err
     assert str(model_path) in err and "RuntimeError: boom" in err
     assert model_path.read_bytes() == before and not (tmp_path / "o.onnx").exists()
+
+
+# --- reading well (issue #11) -------------------------------------------------------------
+
+
+@pytest.fixture
+def two_layer_path(tmp_path) -> pathlib.Path:
+    """Two layers whose names sort the other way round from the order they run in."""
+    first, _ = keras_dynamo_group_norm("x", "mid", SHAPE, 4, prefix="z_first")
+    second, _ = keras_dynamo_group_norm("mid", "y", SHAPE, 2, prefix="a_second", seed=1)
+    path = tmp_path / "two.onnx"
+    onnx.save(single_model(first + second, SHAPE), path)
+    return path
+
+
+def test_one_summary_line_then_layers_in_graph_order(two_layer_path, tmp_path, capsys):
+    before = len(onnx.load(two_layer_path).graph.node)
+    assert cli.main(["fuse", str(two_layer_path), "-o", str(tmp_path / "o.onnx")]) == cli.EXIT_OK
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == (
+        f"{two_layer_path}: fused 2 GroupNormalization layer(s) (2 by KerasTorchDynamoGroupNormFusion); nodes {before} -> 2"
+    )
+    layers = [line.split(":")[0].strip() for line in lines[1:3]]
+    assert layers[0].startswith("z_first") and layers[1].startswith("a_second")
+    assert cli.main(["inspect", str(two_layer_path)]) == cli.EXIT_OK
+    listed = [line.split()[2] for line in capsys.readouterr().out.splitlines() if "would fuse " in line]
+    assert [name[:7] for name in listed] == ["z_first", "a_secon"]
+
+
+def test_quiet_prints_nothing_on_success(model_path, tmp_path, capsys):
+    assert cli.main(["fuse", str(model_path), "-o", str(tmp_path / "o.onnx"), "-q"]) == cli.EXIT_OK
+    assert capsys.readouterr() == ("", "")
+
+
+@pytest.mark.parametrize("target", ["function", "ort-gpu"])
+def test_inspect_says_when_the_model_is_already_fused(target, model_path, tmp_path, capsys):
+    out = tmp_path / "o.onnx"
+    assert cli.main(["fuse", str(model_path), "-o", str(out), "--target", target]) == cli.EXIT_OK
+    capsys.readouterr()
+    assert cli.main(["inspect", str(out)]) == cli.EXIT_OK
+    assert f"{out}: already fused: 1 GroupNormalization node(s) of ours" in capsys.readouterr().out
+    assert cli.main(["inspect", str(model_path)]) == cli.EXIT_OK
+    assert "already fused" not in capsys.readouterr().out
+
+
+def test_report_has_the_permissions_of_a_new_file(model_path, tmp_path):
+    old = os.umask(0o022)
+    try:
+        report, out = tmp_path / "r.json", tmp_path / "o.onnx"
+        assert cli.main(["fuse", str(model_path), "-o", str(out), "--report", str(report)]) == cli.EXIT_OK
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(report.stat().st_mode) == 0o644 == stat.S_IMODE(out.stat().st_mode)
+
+
+def test_seed_reaches_fuse(model_path, tmp_path, monkeypatch):
+    import onnx_groupnorm.rewriter as rewriter
+
+    seen = {}
+    real = rewriter.fuse
+
+    def recording(*args, **kwargs):
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(rewriter, "fuse", recording)
+    assert cli.main(["fuse", str(model_path), "-o", str(tmp_path / "o.onnx"), "--verify", "--seed", "7"]) == cli.EXIT_OK
+    assert seen["seed"] == 7
+
+
+def test_onnx_target_warns_once_about_large_means(model_path, tmp_path, capsys):
+    assert cli.main(["fuse", str(model_path), "-o", str(tmp_path / "o.onnx"), "--target", "onnx"]) == cli.EXIT_OK
+    err = capsys.readouterr().err
+    assert err.count("GroupNormalization-21 loses precision on inputs with a large mean") == 1
+    assert cli.main(["fuse", str(model_path), "-o", str(tmp_path / "o.onnx"), "--target", "function"]) == cli.EXIT_OK
+    assert "loses precision" not in capsys.readouterr().err
+
+
+def test_internal_error_traceback_only_with_verbose(model_path, tmp_path, monkeypatch, capsys):
+    import onnx_groupnorm.rewriter as rewriter
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(rewriter, "fuse", broken)
+    assert cli.main(["fuse", str(model_path), "-o", str(tmp_path / "o.onnx")]) == cli.EXIT_INTERNAL_ERROR
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert cli.main(["fuse", str(model_path), "-o", str(tmp_path / "o.onnx"), "-v"]) == cli.EXIT_INTERNAL_ERROR
+    assert "Traceback" in capsys.readouterr().err

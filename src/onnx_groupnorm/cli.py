@@ -1,27 +1,56 @@
-"""The ``onnx-groupnorm`` command line: argument parsing and exit codes only.
+"""The ``onnx-groupnorm`` command line: argument parsing, messages and exit codes only.
 
 Exit codes: 0 success (also when nothing was fused), 1 verification failed, 2 bad input
-or usage, 3 an internal error (a bug: please report it with the model). All the work is in
+or usage (one line naming the file), 3 an internal error (a bug: please report it with the
+model), 130 interrupted (SIGINT), 143 terminated (SIGTERM). No traceback is printed unless
+``-v``; temporary files are removed on every one of these exits. All the work is in
 :mod:`onnx_groupnorm.rewriter`.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import pathlib
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 
 from . import __version__
+from .rewriter import TARGETS
+from .rewriter.targets import DEFAULT_TARGET
 
-__all__ = ["main", "main_parser", "entrypoint", "EXIT_OK", "EXIT_VERIFY_FAILED", "EXIT_BAD_INPUT", "EXIT_INTERNAL_ERROR"]
+__all__ = [
+    "main",
+    "main_parser",
+    "entrypoint",
+    "EXIT_OK",
+    "EXIT_VERIFY_FAILED",
+    "EXIT_BAD_INPUT",
+    "EXIT_INTERNAL_ERROR",
+    "EXIT_INTERRUPTED",
+    "EXIT_TERMINATED",
+]
 
 EXIT_OK = 0
 EXIT_VERIFY_FAILED = 1
 EXIT_BAD_INPUT = 2
 EXIT_INTERNAL_ERROR = 3
+EXIT_INTERRUPTED = 128 + signal.SIGINT
+EXIT_TERMINATED = 128 + signal.SIGTERM
+
+#: Measured by benchmarks/precision.py: onnxruntime's GroupNormalization-21 kernel returns
+#: NaN on float32 inputs with mean 1e3 (it computes E[x^2] - E[x]^2 in float32).
+_ONNX_TARGET_WARNING = (
+    "--target onnx: GroupNormalization-21 loses precision on inputs with a large mean "
+    "(onnxruntime returns NaN at mean 1e3 in float32; benchmarks/precision.py); "
+    "--target function or ort keep our op's two-pass algorithm"
+)
+
+logger = logging.getLogger("onnx_groupnorm")
 
 
 def main_parser() -> argparse.ArgumentParser:
@@ -32,66 +61,251 @@ def main_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    fuse = sub.add_parser("fuse", help="fuse, optionally verify, and save a model")
+    output = argparse.ArgumentParser(add_help=False)
+    loudness = output.add_mutually_exclusive_group()
+    loudness.add_argument("-v", "--verbose", action="store_true", help="debug logs, and a traceback for any error")
+    loudness.add_argument("-q", "--quiet", action="store_true", help="print errors only")
+
+    fuse = sub.add_parser("fuse", parents=[output], help="fuse, optionally verify, and save a model")
     fuse.add_argument("input", type=pathlib.Path, help="the exported model (.onnx)")
     fuse.add_argument("-o", "--output", type=pathlib.Path, required=True, help="where to write the fused model")
     fuse.add_argument("--verify", action="store_true", help="compare the fused model with the input in onnxruntime (CPU) on seeded random inputs")
     fuse.add_argument("--report", type=pathlib.Path, help="write the report as JSON to this file")
     fuse.add_argument("--keep-standard", action="store_true", help="leave standard ONNX GroupNormalization ops as they are")
-    fuse.add_argument("--target", default="function", help="deployment form: function (default: our op with its function body), onnx, ort, ort-gpu (where available)")
+    fuse.add_argument(
+        "--target", choices=list(TARGETS), default=DEFAULT_TARGET,
+        help=f"deployment form (default: {DEFAULT_TARGET}, our op with its function body)",
+    )
     fuse.add_argument("--absorb-silu", dest="absorb_activation", action="store_true", default=None, help="fold a following SiLU/swish into the op (activation=1)")
     fuse.add_argument("--seed", type=int, default=0, help="seed of the verification inputs (default 0)")
 
-    inspect = sub.add_parser("inspect", help="list GroupNormalization candidates and whether each would fuse")
+    inspect = sub.add_parser("inspect", parents=[output], help="list GroupNormalization candidates and whether each would fuse")
     inspect.add_argument("input", type=pathlib.Path, help="the exported model (.onnx)")
     inspect.add_argument("--keep-standard", action="store_true", help="treat standard GroupNormalization ops as not candidates")
     inspect.add_argument("--json", action="store_true", help="print the report as JSON")
     return parser
 
 
+def _node_count(model) -> int:
+    """Nodes of the graph and its subgraphs (function bodies we attach are not counted)."""
+    return sum(len(graph) for graph in model.graphs())
+
+
+def _in_graph_order(report, model) -> None:
+    """List the fused layers in the order their nodes run, not by name."""
+    position = {}
+    for graph in model.graphs():
+        for node in graph:
+            position.setdefault(node.name, len(position))
+    report.fused.sort(key=lambda layer: position.get(layer.node, len(position)))
+
+
+def _pipeline_ready(model):
+    """Interim, until fuse() keeps external tensors lazy end to end (issue #11) and
+    verification builds its sessions by path (issue #9): the pipeline serialises the model
+    to a proto, which must then hold the weights, so below the 2 GB threshold external
+    tensors are read into memory first. Above it they stay memory-mapped."""
+    import onnx_ir as ir
+
+    from .rewriter import io
+
+    if io.estimated_size(model) <= io.EXTERNAL_DATA_THRESHOLD:
+        ir.external_data.load_to_model(model)
+    return model
+
+
+def _external_rebased(model, input_path: pathlib.Path):
+    """fuse() returns a new model today (the same object once the pipeline is an onnx-ir
+    pass); its external tensors lost the input's folder on the way: give it back."""
+    import onnx_ir as ir
+
+    ir.external_data.set_base_dir(model.graph, str(input_path.parent))
+    return model
+
+
+def _say(args, text: str) -> None:
+    if not args.quiet:
+        print(text)
+
+
 def _fuse(args) -> int:
     from .rewriter import fuse, io
 
-    io.check_output_path(args.output, args.input)
-    if args.report is not None:
-        io.check_output_path(args.report, args.input)
+    io.check_paths(args.input, args.output, args.report)
+    if args.verify:
+        _check_verifiable(args.target)
     model = io.load_model(args.input)
+    io.check_spares_input(args.input, args.output, args.report)
+    if args.target == "onnx":
+        logger.warning(_ONNX_TARGET_WARNING)
+    nodes_before = _node_count(model)
     fused, report = fuse(
-        model,
+        _pipeline_ready(model),
         verify=args.verify,
         keep_standard=args.keep_standard,
         target=args.target,
         absorb_activation=args.absorb_activation,
         source=str(args.input),
+        seed=args.seed,
     )
-    print(report.summary())
+    fused = _external_rebased(fused, args.input)
+    _in_graph_order(report, fused)
+    _say(args, report.summary(nodes=(nodes_before, _node_count(fused))))
     if args.report is not None:
         io.save_text(report.to_json() + "\n", args.report)
     if report.verification is not None and not report.verification.passed:
         print(f"error: {args.input}: the fused model differs from the original beyond the tolerance; {args.output} not written", file=sys.stderr)
         return EXIT_VERIFY_FAILED
-    io.save_model(fused, args.output)
-    print(f"wrote {args.output}")
+    io.save_model(fused, args.output, input_path=args.input)
+    _say(args, f"wrote {args.output}")
     return EXIT_OK
+
+
+def _check_verifiable(target: str) -> None:
+    """--verify of a target whose op has no kernel in this onnxruntime is refused up front.
+    (Where a GPU provider is installed, the pipeline verifies the same fusion in its
+    portable form on CPU and says so in the verification line.)"""
+    from .rewriter.errors import UsageError
+    from .rewriter.targets import NOT_ON_CPU
+
+    if target not in NOT_ON_CPU:
+        return
+    try:
+        import onnxruntime as ort
+
+        providers = ort.get_available_providers()
+    except ImportError:
+        providers = []
+    if not set(providers) - {"CPUExecutionProvider", "AzureExecutionProvider"}:
+        raise UsageError(
+            f"--verify with --target {target} is unsupported on this machine: {NOT_ON_CPU[target]}, and this "
+            f"onnxruntime has only {', '.join(providers) or 'no provider'}; verify the same fusion with "
+            "--target function --verify, or run on a machine with a GPU onnxruntime"
+        )
+
+
+def _already_fused(model) -> list[str]:
+    """Nodes of our op, or of its ort-gpu form (com.microsoft.GroupNorm)."""
+    from .ops import contract
+    from .rewriter.targets import ort_gpu
+
+    ours = {(contract.DOMAIN, contract.OP_TYPE), (ort_gpu.MS_DOMAIN, ort_gpu.MS_OP)}
+    return [node.name or node.op_type for graph in model.graphs() for node in graph if (node.domain, node.op_type) in ours]
 
 
 def _inspect(args) -> int:
     from .rewriter import fuse, io
 
+    io.check_paths(args.input)
     model = io.load_model(args.input)
-    _, report = fuse(model, keep_standard=args.keep_standard, source=str(args.input))
+    ours = _already_fused(model)
+    fused, report = fuse(_pipeline_ready(model), keep_standard=args.keep_standard, source=str(args.input))
+    _in_graph_order(report, fused)
     if args.json:
         data = report.to_dict()
-        print(json.dumps({"source": data["source"], "would_fuse": data["fused"], "skipped": data["skipped"], "notes": data["notes"]}, indent=2))
+        print(json.dumps({"source": data["source"], "already_fused": ours, "would_fuse": data["fused"], "skipped": data["skipped"], "notes": data["notes"]}, indent=2))
         return EXIT_OK
-    print(f"{args.input}: {len(report.fused)} GroupNormalization candidate(s) would fuse, {len(report.skipped)} would not")
+    if ours:
+        _say(args, f"{args.input}: already fused: {len(ours)} GroupNormalization node(s) of ours ({', '.join(ours[:5])}{', ...' if len(ours) > 5 else ''})")
+    _say(args, f"{args.input}: {len(report.fused)} GroupNormalization candidate(s) would fuse, {len(report.skipped)} would not")
     for f in report.fused:
-        print(f"  would fuse {f.node} ({f.rule}): groups={f.groups} axis={f.axis} epsilon={f.epsilon:g} channels={f.channels} center={f.center} scale={f.scale}")
+        _say(args, f"  would fuse {f.node} ({f.rule}): groups={f.groups} axis={f.axis} epsilon={f.epsilon:g} channels={f.channels} center={f.center} scale={f.scale}")
     for s in report.skipped:
-        print(f"  would not fuse {s.node} ({s.rule}): {s.reason}")
+        _say(args, f"  would not fuse {s.node} ({s.rule}): {s.reason}")
     for n in report.notes:
-        print(f"  note: {n}")
+        _say(args, f"  note: {n}")
     return EXIT_OK
+
+
+class _Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that ``finally`` blocks remove temporary files."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise _Terminated()
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class _OursOrErrors(logging.Filter):
+    """At default verbosity, other libraries' warnings (onnx-ir's notes on invalid models,
+    repeated per node) are left to -v; ours and every error are shown."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR or record.name.startswith("onnx_groupnorm")
+
+
+class _NoTraceback(logging.Filter):
+    """Libraries log exceptions with exc_info (onnx-ir's ShapeInferencePass does, with a
+    "%s" it never fills): keep the message and the exception's first line, drop the
+    traceback unless -v."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from .rewriter.errors import one_line
+
+        if record.exc_info and record.exc_info[1] is not None:
+            reason = one_line(record.exc_info[1])
+            if not record.args and "%s" in str(record.msg):
+                record.args = (reason,)
+            else:
+                record.msg = f"{record.getMessage()} ({reason})"
+                record.args = ()
+        record.exc_info, record.exc_text, record.stack_info = None, None, None
+        return True
+
+
+@contextlib.contextmanager
+def _logging(args) -> Iterator[None]:
+    """Our own handler on the root logger, on the stderr of this call, removed afterwards
+    (main() runs more than once in a process under tests)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s: %(name)s: %(message)s"))
+    if not args.verbose:
+        handler.addFilter(_OursOrErrors())
+        handler.addFilter(_NoTraceback())
+    root = logging.getLogger()
+    level = logging.DEBUG if args.verbose else logging.ERROR if args.quiet else logging.WARNING
+    old_level = root.level
+    root.addHandler(handler)
+    root.setLevel(level)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(old_level)
+
+
+def _classify(error: Exception, path: pathlib.Path):
+    """A ModelFileError when ``error`` is the input model's fault, else None (our bug)."""
+    from .rewriter.errors import model_file_error
+
+    if (type(error).__module__ or "").startswith("onnxruntime"):
+        # onnxruntime refused a model: the input's fault only if it refuses the input itself.
+        refusal = _onnxruntime_refusal(path)
+        return None if refusal is None else model_file_error(refusal, path)
+    return model_file_error(error, path)
+
+
+def _onnxruntime_refusal(path: pathlib.Path) -> Exception | None:
+    try:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 4
+        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as e:
+        return e
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -100,22 +314,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return EXIT_BAD_INPUT
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(name)s: %(message)s")
-    from .rewriter import TARGETS
-    from .rewriter.io import ModelFileError
+    from .rewriter.errors import ModelFileError, UsageError, one_line
 
-    if getattr(args, "target", "function") not in TARGETS:
-        print(f"error: unknown --target {args.target!r}; choose one of {', '.join(TARGETS)}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    try:
-        return _fuse(args) if args.command == "fuse" else _inspect(args)
-    except ModelFileError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except Exception as e:  # a bug of ours: say which file, keep the traceback in the log
-        logging.getLogger("onnx_groupnorm").debug("internal error", exc_info=True)
-        print(f"error: {args.input}: internal error ({type(e).__name__}: {e}); the input is unchanged", file=sys.stderr)
-        return EXIT_INTERNAL_ERROR
+    with _logging(args), _sigterm_unwinds():
+        try:
+            return _fuse(args) if args.command == "fuse" else _inspect(args)
+        except (ModelFileError, UsageError) as e:
+            logger.debug("bad input", exc_info=True)
+            print(f"error: {e}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        except KeyboardInterrupt:
+            print(f"interrupted: {args.input} is unchanged and no partial output is left", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        except _Terminated:
+            print(f"terminated: {args.input} is unchanged and no partial output is left", file=sys.stderr)
+            return EXIT_TERMINATED
+        except Exception as e:
+            logger.debug("error", exc_info=True)
+            error = _classify(e, args.input)
+            if error is not None:
+                print(f"error: {error}", file=sys.stderr)
+                return EXIT_BAD_INPUT
+            print(
+                f"error: {args.input}: internal error ({type(e).__name__}: {one_line(e)}); the input is unchanged. "
+                "This is a bug: please report it with the model (-v shows the traceback)",
+                file=sys.stderr,
+            )
+            return EXIT_INTERNAL_ERROR
 
 
 def entrypoint() -> None:

@@ -237,7 +237,7 @@ def _fuse_raised(original, opset, is_proto, ir_model, report, *, verify, **optio
         return (original if is_proto else ir_model), report
     raised_report.notes.insert(0, f"default-domain opset raised from {opset} to {contract.MIN_OPSET} (onnx.version_converter) to hold our op")
     if verify:
-        raised_report.verification = verify_module.verify(original, fused, seed=options["seed"])
+        raised_report.verification = verify_module.verify(original, fused, seed=options["seed"], spec=options["verify_inputs"], source=report.source)
     return (fused if is_proto else ir.from_proto(fused)), raised_report
 
 
@@ -250,6 +250,7 @@ def fuse(
     absorb_activation: bool | None = None,
     source: str = "",
     seed: int = 0,
+    verify_inputs=None,
 ) -> tuple[onnx.ModelProto | ir.Model, FuseReport]:
     """Fuse every exported GroupNormalization in ``model`` into our op.
 
@@ -258,6 +259,7 @@ def fuse(
     comparison in the report (it does not raise: check ``report.verification.passed``).
     ``target`` picks the deployment form (:mod:`.targets`); ``absorb_activation`` folds a
     following SiLU into the op (default: only for targets that gain from it).
+    ``verify_inputs`` (an ``inputs.InputSpec``) fixes verification input shapes or arrays.
     """
     if target not in TARGETS:
         raise ValueError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
@@ -272,7 +274,7 @@ def fuse(
         return (original if is_proto else ir_model), report
     if opset < contract.MIN_OPSET:
         return _fuse_raised(original, opset, is_proto, ir_model, report, verify=verify, keep_standard=keep_standard,
-                            target=target, absorb_activation=absorb_activation, seed=seed)
+                            target=target, absorb_activation=absorb_activation, seed=seed, verify_inputs=verify_inputs)
 
     snapshot = _Snapshot(ir_model)
     try:
@@ -315,7 +317,7 @@ def fuse(
         # Nothing rewritten: hand back the input itself, byte for byte.
         proto = copy.deepcopy(original)
         if verify:
-            report.verification = verify_module.verify(original, proto, seed=seed)
+            report.verification = verify_module.verify(original, proto, seed=seed, spec=verify_inputs, source=source)
         return proto, report
     proto = ir.to_proto(ir_model)
     _keep_value_info(proto, _value_info_names(original))
@@ -324,9 +326,9 @@ def fuse(
     if verify and target in targets_module.NOT_ON_CPU:
         # onnxruntime's CPU provider has no kernel for this target's op: verify the same
         # fusion in its portable form and say so.
-        _, function_report = fuse(original, verify=True, keep_standard=keep_standard, absorb_activation=absorb_activation, seed=seed)
+        _, function_report = fuse(original, verify=True, keep_standard=keep_standard, absorb_activation=absorb_activation, seed=seed, verify_inputs=verify_inputs)
         report.verification = function_report.verification
         report.verification.detail = f"verified as target=function: {targets_module.NOT_ON_CPU[target]}"
     elif verify:
-        report.verification = verify_module.verify(original, proto, seed=seed)
+        report.verification = verify_module.verify(original, proto, seed=seed, spec=verify_inputs, source=source)
     return (proto if is_proto else ir.from_proto(proto)), report

@@ -41,6 +41,8 @@ def main_parser() -> argparse.ArgumentParser:
     fuse.add_argument("--target", default="function", help="deployment form: function (default: our op with its function body), onnx, ort, ort-gpu (where available)")
     fuse.add_argument("--absorb-silu", dest="absorb_activation", action="store_true", default=None, help="fold a following SiLU/swish into the op (activation=1)")
     fuse.add_argument("--seed", type=int, default=0, help="seed of the verification inputs (default 0)")
+    fuse.add_argument("--input-shape", action="append", default=[], metavar="NAME=DxD", help="verification input shape of input NAME, e.g. audio=1x16000 (repeatable; default: found by trying)")
+    fuse.add_argument("--inputs", type=pathlib.Path, metavar="FILE.npz", help="verification inputs: arrays by input name (np.savez)")
 
     inspect = sub.add_parser("inspect", help="list GroupNormalization candidates and whether each would fuse")
     inspect.add_argument("input", type=pathlib.Path, help="the exported model (.onnx)")
@@ -51,8 +53,10 @@ def main_parser() -> argparse.ArgumentParser:
 
 def _fuse(args) -> int:
     from .rewriter import fuse, io
+    from .rewriter.inputs import InputSpec
 
     io.check_output_path(args.output, args.input)
+    verify_inputs = InputSpec.from_cli(args.input_shape, args.inputs)
     if args.report is not None:
         io.check_output_path(args.report, args.input)
     model = io.load_model(args.input)
@@ -63,6 +67,8 @@ def _fuse(args) -> int:
         target=args.target,
         absorb_activation=args.absorb_activation,
         source=str(args.input),
+        seed=args.seed,
+        verify_inputs=verify_inputs,
     )
     print(report.summary())
     if args.report is not None:
@@ -102,14 +108,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(name)s: %(message)s")
     from .rewriter import TARGETS
-    from .rewriter.io import ModelFileError
+    from .rewriter.errors import ModelFileError, UsageError
 
     if getattr(args, "target", "function") not in TARGETS:
         print(f"error: unknown --target {args.target!r}; choose one of {', '.join(TARGETS)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     try:
         return _fuse(args) if args.command == "fuse" else _inspect(args)
-    except ModelFileError as e:
+    except (ModelFileError, UsageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except Exception as e:  # a bug of ours: say which file, keep the traceback in the log

@@ -9,7 +9,8 @@ What a model accepts is read from the model first and found by trying second:
   Symbols on axis 0 are batch sizes (tried at 2, then 1); the others are grown together by
   doubling from :data:`START` until the original model runs (a strided Conv stack needs a
   few hundred samples, a UNet a multiple of 8), bounded by :data:`MAX_ELEMENTS` per input;
-  a second, larger size is tried next so every symbol is checked at two sizes;
+  a second, larger size is tried next (:data:`SECOND_FACTORS`) so every symbol is checked at
+  two sizes;
 * values fit their type and use: float inputs are seeded normal data; an integer input that
   indexes a Gather on a constant table gets ids below the table's size; a boolean input or an
   integer one named like a mask is all ones in the first set and a realistic mix (a prefix of
@@ -36,8 +37,13 @@ from .errors import UsageError
 
 __all__ = ["InputSpec", "InputDecl", "Plan", "parse_input_shape", "START", "MAX_ELEMENTS", "FLAG_SHAPE", "FLAG_INPUTS"]
 
-#: The first size tried for a dynamic (non-batch) dimension; it doubles from there.
-START = 8
+#: The first size tried for a dynamic (non-batch) dimension; it doubles from there. Small, so
+#: that verification stays cheap on large models (a VAE decoder's 4x4 latent still puts 256
+#: values in each of its groups); models that need more (strided Convs, /8 UNets) grow.
+START = 4
+#: The second set multiplies every grown size by the first of these that the model accepts:
+#: 1.5 is the smallest distinct step (cheapest), 2 and 4 keep a power-of-two divisibility.
+SECOND_FACTORS = (1.5, 2, 4)
 #: Growth stops when any input would hold more elements than this (64 MiB of float32).
 MAX_ELEMENTS = 2**24
 #: The batch sizes tried for a dynamic axis 0: 2 first (catches batch-mixing), then 1 (exports
@@ -239,8 +245,8 @@ class Plan:
         """Sizes for the second feed set: every grown symbol larger, the batch at its other
         value; nothing when the first set left nothing to vary (then only masks vary)."""
         batch = {s: next(b for b in BATCHES if b != first[s]) for s in self.batch}
-        for factor in (2, 4):
-            sizes = {**first, **{s: first[s] * factor for s in self.grown}, **batch}
+        for factor in SECOND_FACTORS:
+            sizes = {**first, **{s: int(first[s] * factor) for s in self.grown}, **batch}
             if (self.grown or self.batch) and self._elements(sizes) <= MAX_ELEMENTS:
                 yield sizes
             if not self.grown:

@@ -162,6 +162,9 @@ class _Model:
         ort = _onnxruntime()
         options = ort.SessionOptions()
         options.log_severity_level = 4  # sizes the model refuses are expected while growing
+        # Default thread count; threads sleep when idle instead of spinning (verification
+        # often shares the machine with the user's other work).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         names = list(dict.fromkeys([*self.outputs, *extra]))
         with self._loadable([n for n in names if n not in self.outputs]) as (model, folder):
             if folder is not None:
@@ -170,6 +173,7 @@ class _Model:
                 session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
             except Exception as e:
                 raise _LoadError(f"{self.name}: onnxruntime cannot load the {self.role} model: {_first_line(e)}") from e
+            del model  # the serialised model (as large as the weights) is not needed past this point
         fetch = [n for n in names if n]
         try:
             yield lambda feeds: dict(zip(fetch, session.run(fetch, feeds)))
@@ -204,6 +208,11 @@ class _Layer:
     constants: dict[str, np.ndarray]  # the params that are constants, by name
     in_original: bool = False
 
+    @property
+    def fetched(self) -> list[str]:
+        """The values a session must return for this layer."""
+        return [n for n in (self.x, self.y, *self.params) if n and n not in self.constants]
+
     def reference(self, x: np.ndarray, values: dict[str, np.ndarray]) -> np.ndarray:
         gamma, beta = (None if n is None else np.asarray(self.constants.get(n, values.get(n)), np.float64) for n in self.params)
         channels = x.shape[self.axis]
@@ -212,6 +221,42 @@ class _Layer:
         gamma, beta = (p if p is None or p.size != groups or groups == channels else np.repeat(p.reshape(-1), channels // groups) for p in (gamma, beta))
         gamma, beta = (None if p is None else p.reshape(-1) for p in (gamma, beta))
         return group_normalization(x.astype(np.float64), gamma, beta, groups=groups, axis=self.axis, epsilon=self.epsilon, activation=self.activation)
+
+    def diff(self, x: np.ndarray, y: np.ndarray, values: dict[str, np.ndarray]) -> _Diff:
+        """``y`` against the reference of ``x``, a few groups at a time: groups are
+        independent, and the float64 temporaries of a whole large layer would cost ~10x it."""
+        tolerance = _tolerance(y.dtype)
+        axis = self.axis % x.ndim if x.ndim else 0
+        channels = x.shape[axis] if x.ndim else 0
+        groups = channels if self.groups == -1 else self.groups
+        if x.ndim < 2 or groups <= 0 or channels % groups or x.size <= _CHUNK_ELEMENTS:
+            return _diff(y, self.reference(x, values), tolerance)
+        per_group = channels // groups
+        step = max(1, groups * _CHUNK_ELEMENTS // x.size)  # groups per chunk
+        params = [self.constants.get(n, values.get(n)) if n else None for n in self.params]
+        parts = []
+        for g in range(0, groups, step):
+            take = slice(g * per_group, min(groups, g + step) * per_group)
+            chunk = _Layer(self.node, self.x, self.y, min(groups, g + step) - g, axis, self.epsilon, self.activation,
+                           ["gamma" if params[0] is not None else None, "beta" if params[1] is not None else None], {})
+            sub = {k: _channel_slice(np.asarray(p, np.float64), take, groups, channels) for k, p in zip(("gamma", "beta"), params) if p is not None}
+            index = (slice(None),) * axis + (take,)
+            parts.append(_diff(y[index], chunk.reference(x[index], sub), tolerance))
+        return _Diff(max(p.max_abs for p in parts), max(p.ratio for p in parts), all(p.same_positions for p in parts), sum(p.nonfinite for p in parts))
+
+
+#: Layers above this many elements are compared a few groups at a time (bounds the float64
+#: temporaries to ~10 x 8 bytes x this: 80 MiB).
+_CHUNK_ELEMENTS = 2**20
+
+
+def _channel_slice(param: np.ndarray, take: slice, groups: int, channels: int) -> np.ndarray:
+    """gamma/beta of the channels in ``take`` (per-group parameters, opset 18: of those groups)."""
+    flat = param.reshape(-1)
+    if flat.size == groups and groups != channels:
+        per_group = channels // groups
+        return flat[take.start // per_group : take.stop // per_group]
+    return flat[take]
 
 
 def _constant_array(value: ir.Value) -> np.ndarray | None:
@@ -270,14 +315,23 @@ def _diff(actual: np.ndarray, expected: np.ndarray, tolerance: Tolerance) -> _Di
     b = np.asarray(expected, np.float64)
     if a.shape != b.shape:
         return _Diff(float("inf"), float("inf"), True, 0)
-    bad_b = ~np.isfinite(b)
-    same = bool(np.array_equal(np.isnan(a), np.isnan(b)) and np.array_equal(np.isposinf(a), np.isposinf(b)) and np.array_equal(np.isneginf(a), np.isneginf(b)))
-    finite = ~bad_b & np.isfinite(a)
-    if not finite.any():
-        return _Diff(0.0, 0.0, same, int(bad_b.sum()))
-    err = np.abs(a[finite] - b[finite])
-    ratio = err / (tolerance.atol + tolerance.rtol * np.abs(b[finite]))
-    return _Diff(float(err.max()), float(ratio.max()), same, int(bad_b.sum()))
+    if a.size == 0:
+        return _Diff(0.0, 0.0, True, 0)
+    finite_a, finite_b = np.isfinite(a), np.isfinite(b)
+    same, nonfinite = True, 0
+    if not (finite_a.all() and finite_b.all()):  # the rare case: compare the positions and kinds
+        same = bool(np.array_equal(finite_a, finite_b))
+        if same:  # NaN where NaN, +Inf where +Inf, -Inf where -Inf
+            bad_a, bad_b = a[~finite_a], b[~finite_b]
+            same = bool(np.array_equal(np.isnan(bad_a), np.isnan(bad_b)) and np.array_equal(bad_a > 0, bad_b > 0))
+        nonfinite = int((~finite_b).sum())
+        keep = finite_a & finite_b
+        if not keep.any():
+            return _Diff(0.0, 0.0, same, nonfinite)
+        a, b = a[keep], b[keep]
+    err = np.abs(a - b)
+    ratio = err / (tolerance.atol + tolerance.rtol * np.abs(b))
+    return _Diff(float(err.max()), float(ratio.max()), same, nonfinite)
 
 
 def _positions(a: np.ndarray) -> str:
@@ -363,19 +417,22 @@ def _confirmed(model: ir.Model, layer: _Layer, x: np.ndarray, values: dict[str, 
 # -- verify -----------------------------------------------------------------------------------
 
 
-def _run_sets(plan: inputs_module.Plan, run: Callable[[dict], dict], source: str) -> list[tuple[dict, dict]]:
+def _run_sets(plan: inputs_module.Plan, run: Callable[[dict], dict], source: str, keep: Callable[[int, dict], dict]) -> list[tuple[dict, dict]]:
     """The input sets the original runs on: the first size that runs, then a larger one (and
-    masks mixed); returns ``[(feeds, results)]``."""
+    masks mixed); returns ``[(feeds, keep(index, results))]``."""
     sets, last = [], None
     for sizes in plan.growth():
         feeds = plan.feeds(sizes)
         try:
-            sets.append((feeds, run(feeds)))
-            first = sizes
-            break
+            results = run(feeds)
         except Exception as e:  # the model does not accept these sizes: grow
             logger.debug("original model rejected %s: %s", {k: v.shape for k, v in feeds.items()}, e)
             last = e
+        else:
+            sets.append((feeds, keep(0, results)))
+            del results  # the layer values (often larger than the model outputs) are tallied
+            first = sizes
+            break
     else:
         name = plan.first_dynamic_input
         reason = f" ({_first_line(last)})" if last is not None else ""
@@ -386,14 +443,17 @@ def _run_sets(plan: inputs_module.Plan, run: Callable[[dict], dict], source: str
     for sizes in plan.second(first):
         feeds = plan.feeds(sizes, index=1)
         try:
-            sets.append((feeds, run(feeds)))
-            break
+            results = run(feeds)
         except Exception as e:
             logger.debug("original model rejected the second size %s: %s", sizes, e)
+        else:
+            sets.append((feeds, keep(1, results)))
+            del results
+            break
     else:
         if plan.has_masks:
             feeds = plan.feeds(first, index=1)
-            sets.append((feeds, run(feeds)))
+            sets.append((feeds, keep(1, run(feeds))))
     return sets
 
 
@@ -416,13 +476,14 @@ def verify(
     plan = inputs_module.Plan(before.ir, spec, seed=seed)
     layers = _layers(after.ir)
     for layer in layers:
-        layer.in_original = layer.x in before.values and layer.y in before.values
-    before_extra = [n for layer in layers if layer.in_original for n in (layer.x, layer.y)]
-    after_extra = [n for layer in layers for n in (layer.x, layer.y, *layer.params) if n and n not in layer.constants]
+        layer.in_original = all(n is None or n in layer.constants or n in before.values for n in (layer.x, layer.y, *layer.params))
+    tally = _Tally(layers, before.outputs)
+    before_extra = [n for layer in layers if layer.in_original for n in layer.fetched]
+    after_extra = [n for layer in layers for n in layer.fetched]
 
     try:
         with before.session(before_extra) as run:
-            sets = _run_sets(plan, run, before.name)
+            sets = _run_sets(plan, run, before.name, lambda index, results: tally.add("original", index, results))
     except _LoadError as e:
         raise ModelFileError(str(e)) from e
     shapes = [{k: list(v.shape) for k, v in feeds.items()} for feeds, _ in sets]
@@ -435,20 +496,51 @@ def verify(
             fused = []
             for i, (feeds, _) in enumerate(sets):
                 try:
-                    fused.append(run(feeds))
+                    fused.append(tally.add("fused", i, run(feeds)))
                 except Exception as e:
                     return failed(f"the fused model failed on input set {i + 1} that the original ran on: {_first_line(e)}")
     except _LoadError as e:
         return failed(str(e))
-    return _judge(before, layers, sets, fused, shapes)
+    return _judge(before, tally, [expected for _, expected in sets], fused, shapes)
 
 
-def _judge(before: _Model, layers: list[_Layer], sets, fused: list[dict], shapes: list[dict]) -> Verification:
+class _Tally:
+    """Each layer's worst error against its reference, per side, accumulated run by run so that
+    no run's layer values outlive it (only the model outputs are kept, and the original's layer
+    input where it is out of tolerance: the float64 subgraph check needs it)."""
+
+    def __init__(self, layers: list[_Layer], outputs: list[str]) -> None:
+        self.layers = layers
+        self.outputs = outputs
+        self.checks = [LayerCheck(node=layer.node, input=layer.x, output=layer.y, fused_error=0.0, fused_ratio=0.0) for layer in layers]
+        self.suspect_inputs: dict[str, tuple[np.ndarray, dict]] = {}  # layer node -> (original X, params)
+
+    def add(self, side: str, index: int, results: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        for layer, check in zip(self.layers, self.checks):
+            if side == "original" and not layer.in_original:
+                continue
+            x, y = results[layer.x], results[layer.y]
+            try:
+                d = layer.diff(x, y, results)
+            except ValueError as e:  # the original's value of that name is laid out differently
+                logger.debug("layer %s: no %s reference: %s", layer.node, side, e)
+                continue
+            ratio = d.ratio if d.same_positions else float("inf")
+            error, worst = getattr(check, f"{side}_error") or 0.0, getattr(check, f"{side}_ratio") or 0.0
+            setattr(check, f"{side}_error", max(error, d.max_abs))
+            setattr(check, f"{side}_ratio", max(worst, ratio))
+            if side == "original" and ratio > 1 and layer.node not in self.suspect_inputs:
+                self.suspect_inputs[layer.node] = (x.copy(), {n: results[n].copy() for n in layer.params if n in results})
+        # Copies: onnxruntime's arrays may keep the session's whole memory arena alive.
+        return {name: np.array(results[name], copy=True) for name in self.outputs}
+
+
+def _judge(before: _Model, tally: _Tally, expected_sets: list[dict], fused: list[dict], shapes: list[dict]) -> Verification:
     notes, problems = [], []
     positions_ok = True
     outputs: dict[str, OutputCheck] = {}
     tolerance = _DEFAULT
-    for i, ((_, expected), actual) in enumerate(zip(sets, fused)):
+    for i, (expected, actual) in enumerate(zip(expected_sets, fused)):
         for name in before.outputs:
             a, b = actual[name], expected[name]
             tolerance = _tolerance(b.dtype)
@@ -466,22 +558,7 @@ def _judge(before: _Model, layers: list[_Layer], sets, fused: list[dict], shapes
                 check.passed = False
     outputs_ok = all(c.passed for c in outputs.values())
 
-    checks = []
-    for layer in layers:
-        check = LayerCheck(node=layer.node, input=layer.x, output=layer.y, fused_error=0.0, fused_ratio=0.0)
-        if layer.in_original:
-            check.original_error, check.original_ratio = 0.0, 0.0
-        for (_, expected), actual in zip(sets, fused):
-            values = {**expected, **actual}
-            for side, results in (("fused", actual), ("original", expected if layer.in_original else None)):
-                if results is None or results[layer.x].shape != actual[layer.x].shape or results[layer.y].shape != actual[layer.y].shape:
-                    continue
-                y = results[layer.y]
-                d = _diff(y, layer.reference(results[layer.x], values), _tolerance(y.dtype))
-                ratio = d.ratio if d.same_positions else float("inf")
-                setattr(check, f"{side}_error", max(getattr(check, f"{side}_error"), d.max_abs))
-                setattr(check, f"{side}_ratio", max(getattr(check, f"{side}_ratio"), ratio))
-        checks.append(check)
+    layers, checks = tally.layers, tally.checks
     layers_ok = True
     for check in checks:
         if check.fused_ratio > 1 and not (check.original_error is not None and check.fused_error <= check.original_error):
@@ -498,8 +575,8 @@ def _judge(before: _Model, layers: list[_Layer], sets, fused: list[dict], shapes
         suspects = [(layer, c) for layer, c in zip(layers, checks) if c.original_ratio is not None and c.original_ratio > 1 and c.original_error > c.fused_error]
         reasons = []
         for layer, check in suspects:
-            feeds, expected = sets[0]
-            check.confirmed, why = _confirmed(before.ir, layer, expected[layer.x], {**expected, **fused[0]})
+            x, params = tally.suspect_inputs[layer.node]
+            check.confirmed, why = _confirmed(before.ir, layer, x, params)
             if why:
                 reasons.append(why)
         if suspects and not reasons:

@@ -61,6 +61,7 @@ def fuse(
     absorb_activation: bool | None = None,
     source: str = "",
     seed: int = 0,
+    verify_inputs=None,
 ) -> tuple[onnx.ModelProto | ir.Model, FuseReport]:
     """Fuse every exported GroupNormalization in ``model`` into our op.
 
@@ -70,7 +71,8 @@ def fuse(
     the report (it does not raise: check ``report.verification.passed``); it needs the
     ``ort`` extra. ``target`` picks the deployment form (:mod:`.targets`);
     ``absorb_activation`` folds a following SiLU into the op (default: only for targets
-    that gain from it). :class:`GroupNormFusionPass` does the work.
+    that gain from it). ``verify_inputs`` (an ``inputs.InputSpec``) fixes verification
+    input shapes or arrays. :class:`GroupNormFusionPass` does the work.
     """
     fusion = GroupNormFusionPass(target=target, keep_standard=keep_standard, absorb_activation=absorb_activation, source=source)
     is_proto = isinstance(model, onnx.ModelProto)
@@ -92,9 +94,9 @@ def fuse(
     if target in targets_module.NOT_ON_CPU and modified:
         # onnxruntime's CPU provider has no kernel for this target's op: verify the same
         # fusion in its portable form and say so.
-        _, function_report = fuse(original, verify=True, keep_standard=keep_standard, absorb_activation=fusion.absorb_activation, seed=seed)
+        _, function_report = fuse(original, verify=True, keep_standard=keep_standard, absorb_activation=fusion.absorb_activation, seed=seed, verify_inputs=verify_inputs)
         report.verification = function_report.verification
         report.verification.detail = f"verified as target=function: {targets_module.NOT_ON_CPU[target]}"
     else:
-        report.verification = verify_module.verify(original, fused if is_proto else ir.to_proto(ir_model), seed=seed)
+        report.verification = verify_module.verify(original, fused if is_proto else ir.to_proto(ir_model), seed=seed, spec=verify_inputs, source=source)
     return fused, report

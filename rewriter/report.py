@@ -6,7 +6,7 @@ import dataclasses
 import json
 from collections import Counter
 
-__all__ = ["FusedLayer", "Skipped", "Verification", "FuseReport"]
+__all__ = ["FusedLayer", "Skipped", "Verification", "LayerCheck", "OutputCheck", "FuseReport"]
 
 
 @dataclasses.dataclass
@@ -31,14 +31,63 @@ class Skipped:
 
 
 @dataclasses.dataclass
+class LayerCheck:
+    """One fused layer against its float64 reference, computed from each model's own input
+    of the layer (errors are max |y - reference|; ratios are of the verify tolerance)."""
+
+    node: str
+    input: str  # the layer's input value (the same name in both models)
+    output: str
+    fused_error: float
+    fused_ratio: float
+    original_error: float | None = None  # None: the original has no value of these names
+    original_ratio: float | None = None
+    confirmed: bool | None = None  # the original subgraph in float64 computes the fused configuration
+
+
+@dataclasses.dataclass
+class OutputCheck:
+    """One model output, fused against original, worst over the input sets."""
+
+    name: str
+    max_abs_error: float
+    worst_ratio: float
+    nonfinite: int  # values that are NaN/Inf in the original (compared as positions)
+    passed: bool
+
+
+@dataclasses.dataclass
 class Verification:
     passed: bool
-    max_abs_error: float
+    max_abs_error: float  # model outputs, fused against original
     worst_ratio: float  # max |a-b| / (atol + rtol |b|); <= 1 passes
     rtol: float
     atol: float
-    inputs: dict  # input name -> shape used
-    detail: str = ""
+    inputs: dict  # input name -> shape used (the first input set)
+    detail: str = ""  # why it failed
+    verdict: str = ""  # "passed", "passed: more accurate than the export" or "FAILED"
+    layers: list[LayerCheck] = dataclasses.field(default_factory=list)
+    outputs: list[OutputCheck] = dataclasses.field(default_factory=list)
+    notes: list[str] = dataclasses.field(default_factory=list)
+    input_sets: list[dict] = dataclasses.field(default_factory=list)  # every input set's shapes
+
+    def summary_lines(self) -> list[str]:
+        state = self.verdict or ("passed" if self.passed else "FAILED")
+        lines = [
+            f"verification {state}: max |error| {self.max_abs_error:.3g}, "
+            f"{self.worst_ratio:.3g} of the tolerance (rtol={self.rtol:g}, atol={self.atol:g}), inputs {self.inputs}"
+            + (f" and {len(self.input_sets) - 1} more set(s)" if len(self.input_sets) > 1 else "")
+            + (f"; {self.detail}" if self.detail else "")
+        ]
+        if self.layers:
+            worst = max(self.layers, key=lambda c: c.fused_ratio)
+            original = [c.original_error for c in self.layers if c.original_error is not None]
+            lines.append(
+                f"  {len(self.layers)} layer(s) against their float64 reference: worst fused {worst.fused_error:.3g} ({worst.node})"
+                + (f", worst original {max(original):.3g}" if original else "")
+            )
+        lines.extend(f"  note: {n}" for n in self.notes)
+        return lines
 
 
 @dataclasses.dataclass
@@ -84,12 +133,6 @@ class FuseReport:
             lines.append(f"  skipped {s.node} ({s.rule}): {s.reason}")
         for n in self.notes:
             lines.append(f"  note: {n}")
-        v = self.verification
-        if v is not None:
-            state = "passed" if v.passed else "FAILED"
-            lines.append(
-                f"verification {state}: max |error| {v.max_abs_error:.3g}, "
-                f"{v.worst_ratio:.3g} of the tolerance (rtol={v.rtol:g}, atol={v.atol:g}), inputs {v.inputs}"
-                + (f"; {v.detail}" if v.detail else "")
-            )
+        if self.verification is not None:
+            lines.extend(self.verification.summary_lines())
         return "\n".join(lines)

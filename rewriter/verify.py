@@ -1,22 +1,57 @@
-"""Run the original and the rewritten model in onnxruntime (CPU) on the same seeded inputs.
+"""Verification: run the original and the fused model in onnxruntime (CPU) on inputs the
+model accepts (:mod:`.inputs`) and judge both against the truth, not only against each other.
 
-Symbolic dimensions get concrete sizes; the same ``dim_param`` gets the same size in every
-input. A model may constrain its sizes (a UNet needs even H/W, a Reshape a multiple of
-something), so we try a few size sets and use the first one the original model accepts.
+How it decides:
+
+1. *Layers.* Every fused GroupNormalization node of the fused model's main graph (our op, or the
+   standard op a target lowered it to) has its input ``X`` and output ``Y`` fetched as extra
+   outputs; the fusion keeps the names of the exported subgraph's input and final output, so
+   the same two values are fetched from the original. Each model's ``Y`` is compared with the
+   float64 NumPy reference (:func:`ops.group_normalization`, with the fused node's groups, axis,
+   epsilon, gamma and beta) computed from *that model's own* ``X``: each layer's error is its
+   own, not what earlier layers passed on. (a) holds when every fused layer is within the
+   tolerance of its reference, or at least as close to it as the original's subgraph is.
+2. *Outputs.* (b) holds when every model output of the fused model agrees with the original's
+   within :data:`VERIFY_TOLERANCES`. Positions where the original is not finite (NaN, +/-Inf)
+   are compared as positions: the same positions pass with a note, others fail.
+3. *Verdict.* (a) and (b): passed. (a) but not (b), where some original layers are out of the
+   tolerance of their reference and further from it than the fused ones: "passed: more accurate
+   than the export" -- but only after each of those original subgraphs, evaluated in float64
+   (onnx's ReferenceEvaluator on a float64 copy of just that subgraph), agrees with the
+   reference: that proves the fused node's configuration is the export's and only the
+   export's float32 arithmetic is off (a fusion with a wrong epsilon or gamma fails here).
+   Anything else: FAILED, naming the output or layer.
+
+Cost: two sessions (one at a time, default thread count), two small input sets; the float64
+work is one NumPy reference per layer per set, plus a subgraph evaluation only for the layers a
+"more accurate" verdict rests on. Models over 2 GB are never serialised as one proto: they are
+given to onnxruntime from a path with their external data.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
+import os
+import pathlib
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import onnx
-import onnxruntime as ort
+import onnx_ir as ir
 
+from ..ops import contract
+from ..ops.reference import group_normalization
 from ..ops.tolerances import Tolerance
-from .report import Verification
+from . import inputs as inputs_module
+from ._graphs import is_ours
+from .errors import ModelFileError, UsageError
+from .io import EXTERNAL_DATA_THRESHOLD
+from .report import LayerCheck, OutputCheck, Verification
 
-__all__ = ["verify", "VERIFY_TOLERANCES"]
+__all__ = ["verify", "VERIFY_TOLERANCES", "CONFIG_TOLERANCE", "MORE_ACCURATE"]
 
 logger = logging.getLogger(__name__)
 
@@ -24,6 +59,7 @@ logger = logging.getLogger(__name__)
 #: GroupNormalizations, which pass on (and may amplify) the last-bit differences between
 #: the exporter's algorithm (often E[x^2] - E[x]^2 in the input type) and ours. float32:
 #: 1e-4 (~800 ulp), float16/bfloat16: 10 ulp of the format (1e-2, 8e-2), float64: 1e-9.
+#: The same bounds judge one layer against its float64 reference.
 VERIFY_TOLERANCES = {
     "float32": Tolerance(rtol=1e-4, atol=1e-4),
     "float16": Tolerance(rtol=1e-2, atol=1e-2),
@@ -31,70 +67,536 @@ VERIFY_TOLERANCES = {
     "float64": Tolerance(rtol=1e-9, atol=1e-9),
 }
 _DEFAULT = Tolerance(rtol=1e-4, atol=1e-4)
-_SIZE_SETS = ((2, 8), (2, 16), (1, 32), (3, 12), (1, 64))
+#: An original subgraph evaluated in float64 against the float64 reference: both are exact to
+#: ~1e-16 times the cancellation of a one-pass variance (|mean|^2 / var, up to ~1e8 on real
+#: activations), so 1e-7 leaves room for that while any change of epsilon, gamma or beta a
+#: fusion could get wrong (an epsilon off by 1e-6 of the variance or more) stands out.
+CONFIG_TOLERANCE = Tolerance(rtol=1e-7, atol=1e-7)
+MORE_ACCURATE = "passed: more accurate than the export"
+_ORT_MISSING = "--verify needs onnxruntime: pip install onnx-groupnorm[ort]"
+#: Largest original subgraph evaluated in float64 (the exporters write 10-40 nodes per layer).
+_MAX_SUBGRAPH_NODES = 400
+_FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
 
 
-def _session(model: onnx.ModelProto) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.intra_op_num_threads = 1
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+def _onnxruntime():
+    try:
+        import onnxruntime
+    except ImportError as e:
+        raise UsageError(_ORT_MISSING) from e
+    return onnxruntime
 
 
-def _inputs(session: ort.InferenceSession, batch: int, size: int, seed: int) -> dict:
-    rng = np.random.default_rng(seed)
-    feeds = {}
-    for i, arg in enumerate(session.get_inputs()):
-        shape = []
-        for axis, d in enumerate(arg.shape):
-            if isinstance(d, int) and d >= 0:
-                shape.append(d)
-            else:
-                shape.append(batch if axis == 0 else size)
-        np_type = {
-            "tensor(float)": np.float32,
-            "tensor(float16)": np.float16,
-            "tensor(double)": np.float64,
-            "tensor(int64)": np.int64,
-            "tensor(int32)": np.int32,
-            "tensor(bool)": np.bool_,
-        }.get(arg.type)
-        if np_type is None:
-            raise ValueError(f"cannot make a random input of type {arg.type} for {arg.name!r}")
-        if np.issubdtype(np_type, np.floating):
-            feeds[arg.name] = rng.normal(rng.uniform(-1, 1), rng.uniform(0.5, 2), size=shape).astype(np_type)
+def _tolerance(dtype) -> Tolerance:
+    return VERIFY_TOLERANCES.get(np.dtype(dtype).name, _DEFAULT)
+
+
+# -- the two models ---------------------------------------------------------------------------
+
+
+class _Model:
+    """A model to run: a ModelProto, an onnx_ir.Model or a path, with its onnx-ir view (for
+    reading the graph) and the means to open an onnxruntime session with extra outputs."""
+
+    def __init__(self, model: onnx.ModelProto | ir.Model | str | os.PathLike, role: str, source: str) -> None:
+        self.role = role
+        self.proto: onnx.ModelProto | None = None
+        self.folder: pathlib.Path | None = None
+        if isinstance(model, (str, os.PathLike)):
+            path = pathlib.Path(model)
+            self.name = str(path)
+            try:  # the graph without its weights for the session, lazy weights for reading
+                self.proto = onnx.load(os.fspath(path), load_external_data=False)
+                self.ir = ir.load(os.fspath(path))
+            except Exception as e:
+                raise ModelFileError(f"{path}: cannot load the {role} model: {e}") from e
+            self.folder = path.resolve().parent
+        elif isinstance(model, onnx.ModelProto):
+            self.proto, self.ir, self.name = model, ir.from_proto(model), source or f"the {role} model"
+        elif isinstance(model, ir.Model):
+            self.ir, self.name = model, source or f"the {role} model"
         else:
-            feeds[arg.name] = rng.integers(0, 2, size=shape).astype(np_type)
-    return feeds
+            raise TypeError(f"verify takes an onnx.ModelProto, onnx_ir.Model or path, not {type(model).__name__}")
+        self.values = {v.name: v for v in self.ir.graph.inputs}
+        for node in self.ir.graph:
+            self.values.update((v.name, v) for v in node.outputs if v.name)
+        self.outputs = [v.name for v in self.ir.graph.outputs]
 
+    def _big(self) -> bool:
+        if self.folder is not None:
+            return False  # the proto holds no weights; onnxruntime reads them from the folder
+        if self.proto is not None:
+            return sum(t.ByteSize() for t in self.proto.graph.initializer) > EXTERNAL_DATA_THRESHOLD
+        return sum(v.const_value.nbytes for v in self.ir.graph.initializers.values() if v.const_value is not None) > EXTERNAL_DATA_THRESHOLD
 
-def verify(original: onnx.ModelProto, rewritten: onnx.ModelProto, *, seed: int = 0) -> Verification:
-    """Compare every output of ``rewritten`` with ``original`` on seeded random inputs."""
-    before, after = _session(original), _session(rewritten)
-    last_error = None
-    for batch, size in _SIZE_SETS:
-        feeds = _inputs(before, batch, size, seed)
+    @contextlib.contextmanager
+    def _loadable(self, extra: Sequence[str]) -> Iterator[tuple[bytes | str, pathlib.Path | None]]:
+        """The model with ``extra`` as graph outputs, as bytes or a path, put back after."""
+        if self.proto is not None and not self._big():
+            added = len(self.proto.graph.output)
+            self.proto.graph.output.extend(onnx.ValueInfoProto(name=n) for n in extra)
+            try:
+                data = self.proto.SerializeToString()
+            finally:
+                del self.proto.graph.output[added:]
+            yield data, self.folder
+            return
+        # onnx-ir: add the outputs to the graph, write a proto (external data when large).
+        graph = self.ir.graph
+        added = len(graph.outputs)
+        graph.outputs.extend(self.values[n] for n in extra)
         try:
-            expected = before.run(None, feeds)
-        except Exception as e:  # the model does not accept these sizes; try the next set
-            last_error = e
+            if not self._big():
+                yield ir.to_proto(self.ir).SerializeToString(), None
+                return
+            with tempfile.TemporaryDirectory(prefix="onnx-groupnorm-verify-") as tmp:
+                path = pathlib.Path(tmp) / "model.onnx"
+                ir.save(self.ir, path, external_data="model.onnx.data")
+                yield os.fspath(path), None
+        finally:
+            del graph.outputs[added:]
+
+    @contextlib.contextmanager
+    def session(self, extra: Sequence[str]) -> Iterator[Callable[[dict], dict[str, np.ndarray]]]:
+        """A runner ``feeds -> {name: array}`` for the graph outputs and ``extra``."""
+        ort = _onnxruntime()
+        options = ort.SessionOptions()
+        options.log_severity_level = 4  # sizes the model refuses are expected while growing
+        # Default thread count; threads sleep when idle instead of spinning (verification
+        # often shares the machine with the user's other work).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        names = list(dict.fromkeys([*self.outputs, *extra]))
+        with self._loadable([n for n in names if n not in self.outputs]) as (model, folder):
+            if folder is not None:
+                options.add_session_config_entry("session.model_external_initializers_file_folder_path", os.fspath(folder))
+            try:
+                session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+            except Exception as e:
+                raise _LoadError(f"{self.name}: onnxruntime cannot load the {self.role} model: {_first_line(e)}") from e
+            del model  # the serialised model (as large as the weights) is not needed past this point
+        fetch = [n for n in names if n]
+        try:
+            yield lambda feeds: dict(zip(fetch, session.run(fetch, feeds)))
+        finally:
+            del session
+
+
+class _LoadError(Exception):
+    pass
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return (text[0] if text else type(e).__name__)[:300]
+
+
+# -- the fused layers -------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Layer:
+    """One fused node: what to fetch and how to compute its float64 reference."""
+
+    node: str
+    x: str
+    y: str
+    groups: int
+    axis: int
+    epsilon: float
+    activation: int
+    params: list[str | None]  # gamma, beta value names (None: absent)
+    constants: dict[str, np.ndarray]  # the params that are constants, by name
+    in_original: bool = False
+
+    @property
+    def fetched(self) -> list[str]:
+        """The values a session must return for this layer."""
+        return [n for n in (self.x, self.y, *self.params) if n and n not in self.constants]
+
+    def reference(self, x: np.ndarray, values: dict[str, np.ndarray]) -> np.ndarray:
+        gamma, beta = (None if n is None else np.asarray(self.constants.get(n, values.get(n)), np.float64) for n in self.params)
+        channels = x.shape[self.axis]
+        groups = channels if self.groups == -1 else self.groups
+        # opset-18 standard GroupNormalization: scale/bias per group; repeat them per channel.
+        gamma, beta = (p if p is None or p.size != groups or groups == channels else np.repeat(p.reshape(-1), channels // groups) for p in (gamma, beta))
+        gamma, beta = (None if p is None else p.reshape(-1) for p in (gamma, beta))
+        return group_normalization(x.astype(np.float64), gamma, beta, groups=groups, axis=self.axis, epsilon=self.epsilon, activation=self.activation)
+
+    def diff(self, x: np.ndarray, y: np.ndarray, values: dict[str, np.ndarray]) -> _Diff:
+        """``y`` against the reference of ``x``, a few groups at a time: groups are
+        independent, and the float64 temporaries of a whole large layer would cost ~10x it."""
+        tolerance = _tolerance(y.dtype)
+        axis = self.axis % x.ndim if x.ndim else 0
+        channels = x.shape[axis] if x.ndim else 0
+        groups = channels if self.groups == -1 else self.groups
+        if x.ndim < 2 or groups <= 0 or channels % groups or x.size <= _CHUNK_ELEMENTS:
+            return _diff(y, self.reference(x, values), tolerance)
+        per_group = channels // groups
+        step = max(1, groups * _CHUNK_ELEMENTS // x.size)  # groups per chunk
+        params = [self.constants.get(n, values.get(n)) if n else None for n in self.params]
+        parts = []
+        for g in range(0, groups, step):
+            take = slice(g * per_group, min(groups, g + step) * per_group)
+            chunk = _Layer(self.node, self.x, self.y, min(groups, g + step) - g, axis, self.epsilon, self.activation,
+                           ["gamma" if params[0] is not None else None, "beta" if params[1] is not None else None], {})
+            sub = {k: _channel_slice(np.asarray(p, np.float64), take, groups, channels) for k, p in zip(("gamma", "beta"), params) if p is not None}
+            index = (slice(None),) * axis + (take,)
+            parts.append(_diff(y[index], chunk.reference(x[index], sub), tolerance))
+        return _Diff(max(p.max_abs for p in parts), max(p.ratio for p in parts), all(p.same_positions for p in parts), sum(p.nonfinite for p in parts))
+
+
+#: Layers above this many elements are compared a few groups at a time (bounds the float64
+#: temporaries to ~10 x 8 bytes x this: 80 MiB).
+_CHUNK_ELEMENTS = 2**20
+
+
+def _channel_slice(param: np.ndarray, take: slice, groups: int, channels: int) -> np.ndarray:
+    """gamma/beta of the channels in ``take`` (per-group parameters, opset 18: of those groups)."""
+    flat = param.reshape(-1)
+    if flat.size == groups and groups != channels:
+        per_group = channels // groups
+        return flat[take.start // per_group : take.stop // per_group]
+    return flat[take]
+
+
+def _constant_array(value: ir.Value) -> np.ndarray | None:
+    if value.const_value is not None:
+        return value.const_value.numpy()
+    node = value.producer()
+    if node is not None and node.op_type == "Constant" and "value" in node.attributes:
+        return node.attributes["value"].as_tensor().numpy()
+    return None
+
+
+def _layers(model: ir.Model) -> list[_Layer]:
+    """Our op's nodes and standard GroupNormalization nodes in the main graph (subgraphs
+    and functions are judged by the model outputs only)."""
+    layers = []
+    for node in model.graph:
+        ours = is_ours(node)
+        standard = node.op_type == "GroupNormalization" and node.domain in ("", "ai.onnx")
+        if not (ours or standard) or not node.inputs or node.inputs[0] is None or not node.outputs[0].name:
             continue
-        actual = after.run(None, feeds)
-        worst, max_abs, passed = 0.0, 0.0, True
-        tolerance = _DEFAULT
-        for a, b in zip(actual, expected):
-            tolerance = VERIFY_TOLERANCES.get(np.asarray(b).dtype.name, _DEFAULT)
-            ok, ratio = tolerance.check(a, b)
-            passed &= ok
-            worst = max(worst, ratio) if np.isfinite(ratio) else float("inf")
-            diff = np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))
-            max_abs = max(max_abs, float(np.nanmax(diff)) if diff.size else 0.0)
-        return Verification(
-            passed=bool(passed),
-            max_abs_error=max_abs,
-            worst_ratio=worst,
-            rtol=tolerance.rtol,
-            atol=tolerance.atol,
-            inputs={k: list(v.shape) for k, v in feeds.items()},
+        attrs = node.attributes
+        params = [v for v in list(node.inputs[1:3]) + [None] * (3 - len(node.inputs))][:2]
+        if ours:
+            groups = attrs["groups"].as_int() if "groups" in attrs else contract.DEFAULT_GROUPS
+            axis = attrs["axis"].as_int() if "axis" in attrs else contract.DEFAULT_AXIS
+            epsilon = attrs["epsilon"].as_float() if "epsilon" in attrs else contract.DEFAULT_EPSILON
+            activation = attrs["activation"].as_int() if "activation" in attrs else 0
+        else:
+            groups, axis, activation = attrs["num_groups"].as_int(), 1, 0
+            epsilon = attrs["epsilon"].as_float() if "epsilon" in attrs else 1e-5
+        constants = {}
+        for p in params:
+            if p is not None and (array := _constant_array(p)) is not None:
+                constants[p.name] = array
+        layers.append(_Layer(
+            node=node.name or node.outputs[0].name, x=node.inputs[0].name, y=node.outputs[0].name,
+            groups=groups, axis=axis, epsilon=epsilon, activation=activation,
+            params=[None if p is None else p.name for p in params], constants=constants,
+        ))
+    return layers
+
+
+# -- comparing arrays -------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Diff:
+    max_abs: float
+    ratio: float
+    same_positions: bool  # the non-finite positions (and kinds) agree
+    nonfinite: int  # non-finite values in the expected array
+
+
+def _diff(actual: np.ndarray, expected: np.ndarray, tolerance: Tolerance) -> _Diff:
+    a = np.asarray(actual, np.float64)
+    b = np.asarray(expected, np.float64)
+    if a.shape != b.shape:
+        return _Diff(float("inf"), float("inf"), True, 0)
+    if a.size == 0:
+        return _Diff(0.0, 0.0, True, 0)
+    finite_a, finite_b = np.isfinite(a), np.isfinite(b)
+    same, nonfinite = True, 0
+    if not (finite_a.all() and finite_b.all()):  # the rare case: compare the positions and kinds
+        same = bool(np.array_equal(finite_a, finite_b))
+        if same:  # NaN where NaN, +Inf where +Inf, -Inf where -Inf
+            bad_a, bad_b = a[~finite_a], b[~finite_b]
+            same = bool(np.array_equal(np.isnan(bad_a), np.isnan(bad_b)) and np.array_equal(bad_a > 0, bad_b > 0))
+        nonfinite = int((~finite_b).sum())
+        keep = finite_a & finite_b
+        if not keep.any():
+            return _Diff(0.0, 0.0, same, nonfinite)
+        a, b = a[keep], b[keep]
+    err = np.abs(a - b)
+    ratio = err / (tolerance.atol + tolerance.rtol * np.abs(b))
+    return _Diff(float(err.max()), float(ratio.max()), same, nonfinite)
+
+
+def _positions(a: np.ndarray) -> str:
+    """A short description of where ``a`` is not finite."""
+    bad = ~np.isfinite(np.asarray(a, np.float64))
+    first = [tuple(int(i) for i in idx) for idx in np.argwhere(bad)[:3]]
+    kinds = [f"{int(np.isnan(a).sum())} NaN", f"{int(np.isposinf(a).sum())} +Inf", f"{int(np.isneginf(a).sum())} -Inf"]
+    return f"{int(bad.sum())} of {bad.size} ({', '.join(k for k in kinds if not k.startswith('0 '))}; first at {first})"
+
+
+# -- the float64 evaluation of one original subgraph -------------------------------------------
+
+
+def _subgraph64(model: ir.Model, x: str, y: str) -> onnx.ModelProto | None:
+    """The original's nodes from ``x`` to ``y`` as a float64 model, or None when they depend on
+    anything but ``x`` and constants (or hold subgraphs)."""
+    producers = {out.name: node for node in model.graph for out in node.outputs}
+    nodes, inits, stack, seen = [], {}, [y], set()
+    while stack:
+        name = stack.pop()
+        if name in seen or name == x or not name:
+            continue
+        seen.add(name)
+        if name in model.graph.initializers:
+            inits[name] = model.graph.initializers[name]
+            continue
+        node = producers.get(name)
+        if node is None or len(nodes) >= _MAX_SUBGRAPH_NODES or any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for a in node.attributes.values()):
+            return None
+        if node not in nodes:
+            nodes.append(node)
+            stack.extend(v.name for v in node.inputs if v is not None)
+    order = {node: i for i, node in enumerate(model.graph)}
+    protos = [ir.serde.serialize_node(n) for n in sorted(nodes, key=order.__getitem__)]
+    tensors = []
+    for name, value in inits.items():
+        if value.const_value is None:
+            return None
+        array = value.const_value.numpy()
+        tensors.append(onnx.numpy_helper.from_array(array.astype(np.float64) if array.dtype.kind == "f" else array, name))
+    for node in protos:
+        _to_float64(node)
+    graph = onnx.helper.make_graph(protos, "subgraph64", [onnx.helper.make_tensor_value_info(x, onnx.TensorProto.DOUBLE, None)],
+                                   [onnx.ValueInfoProto(name=y)], tensors)
+    opsets = [onnx.helper.make_opsetid(d, v) for d, v in model.opset_imports.items()]
+    result = onnx.helper.make_model(graph, opset_imports=opsets, ir_version=model.ir_version)
+    result.functions.extend(ir.serde.serialize_function(f) for f in model.functions.values())
+    return result
+
+
+def _to_float64(node: onnx.NodeProto) -> None:
+    """Every float constant, Cast and fill value of ``node`` in float64 instead."""
+    for attr in node.attribute:
+        if attr.name == "to" and node.op_type == "Cast" and attr.i in _FLOAT_TYPES:
+            attr.i = onnx.TensorProto.DOUBLE
+        elif attr.type == onnx.AttributeProto.TENSOR and attr.t.data_type in _FLOAT_TYPES:
+            array = onnx.numpy_helper.to_array(attr.t).astype(np.float64)
+            attr.t.CopyFrom(onnx.numpy_helper.from_array(array, attr.t.name))
+        elif attr.type == onnx.AttributeProto.FLOAT and node.op_type == "Constant" and attr.name == "value_float":
+            value = attr.f
+            node.attribute.remove(attr)
+            node.attribute.append(onnx.helper.make_attribute("value", onnx.numpy_helper.from_array(np.asarray(value, np.float64))))
+            return
+
+
+def _confirmed(model: ir.Model, layer: _Layer, x: np.ndarray, values: dict[str, np.ndarray]) -> tuple[bool, str]:
+    """Does the original's subgraph, in float64, compute the fused node's configuration?"""
+    sub = _subgraph64(model, layer.x, layer.y)
+    if sub is None:
+        return False, f"layer {layer.node}: its original subgraph depends on more than its input; cannot evaluate it in float64"
+    try:
+        from onnx.reference import ReferenceEvaluator
+
+        (y64,) = ReferenceEvaluator(sub).run(None, {layer.x: x.astype(np.float64)})
+    except Exception as e:  # an op the reference evaluator lacks, or one without float64
+        return False, f"layer {layer.node}: cannot evaluate its original subgraph in float64 ({_first_line(e)})"
+    d = _diff(y64, layer.reference(x, values), CONFIG_TOLERANCE)
+    if d.ratio <= 1 and d.same_positions:
+        return True, ""
+    return False, f"layer {layer.node}: the original subgraph in float64 differs from the fused configuration by {d.max_abs:.3g}: the fusion changed what the layer computes"
+
+
+# -- verify -----------------------------------------------------------------------------------
+
+
+def _run_sets(plan: inputs_module.Plan, run: Callable[[dict], dict], source: str, keep: Callable[[int, dict], dict]) -> list[tuple[dict, dict]]:
+    """The input sets the original runs on: the first size that runs, then a larger one (and
+    masks mixed); returns ``[(feeds, keep(index, results))]``."""
+    sets, last = [], None
+    for sizes in plan.growth():
+        feeds = plan.feeds(sizes)
+        try:
+            results = run(feeds)
+        except Exception as e:  # the model does not accept these sizes: grow
+            logger.debug("original model rejected %s: %s", {k: v.shape for k, v in feeds.items()}, e)
+            last = e
+        else:
+            sets.append((feeds, keep(0, results)))
+            del results  # the layer values (often larger than the model outputs) are tallied
+            first = sizes
+            break
+    else:
+        name = plan.first_dynamic_input
+        reason = f" ({_first_line(last)})" if last is not None else ""
+        raise UsageError(
+            f"{source}: input {name!r}: the original model ran on none of the input sizes tried{reason}; "
+            f"give sizes with {inputs_module.FLAG_SHAPE} or arrays with {inputs_module.FLAG_INPUTS}"
         )
-    raise ValueError(f"the original model did not run on any of the input sizes tried: {last_error}")
+    for sizes in plan.second(first):
+        feeds = plan.feeds(sizes, index=1)
+        try:
+            results = run(feeds)
+        except Exception as e:
+            logger.debug("original model rejected the second size %s: %s", sizes, e)
+        else:
+            sets.append((feeds, keep(1, results)))
+            del results
+            break
+    else:
+        if plan.has_masks:
+            feeds = plan.feeds(first, index=1)
+            sets.append((feeds, keep(1, run(feeds))))
+    return sets
+
+
+def verify(
+    original: onnx.ModelProto | ir.Model | str | os.PathLike,
+    rewritten: onnx.ModelProto | ir.Model | str | os.PathLike,
+    *,
+    seed: int = 0,
+    spec: inputs_module.InputSpec | None = None,
+    source: str = "",
+) -> Verification:
+    """Judge ``rewritten`` against ``original`` and the float64 reference (module docstring).
+
+    Raises UsageError when no inputs can be made (naming the input and the flag to use) or
+    onnxruntime is missing, ModelFileError when onnxruntime refuses the original model.
+    """
+    _onnxruntime()
+    before = _Model(original, "original", source)
+    after = _Model(rewritten, "fused", "")
+    plan = inputs_module.Plan(before.ir, spec, seed=seed)
+    layers = _layers(after.ir)
+    for layer in layers:
+        layer.in_original = all(n is None or n in layer.constants or n in before.values for n in (layer.x, layer.y, *layer.params))
+    tally = _Tally(layers, before.outputs)
+    before_extra = [n for layer in layers if layer.in_original for n in layer.fetched]
+    after_extra = [n for layer in layers for n in layer.fetched]
+
+    try:
+        with before.session(before_extra) as run:
+            sets = _run_sets(plan, run, before.name, lambda index, results: tally.add("original", index, results))
+    except _LoadError as e:
+        raise ModelFileError(str(e)) from e
+    shapes = [{k: list(v.shape) for k, v in feeds.items()} for feeds, _ in sets]
+    failed = lambda detail: Verification(  # noqa: E731
+        passed=False, max_abs_error=float("nan"), worst_ratio=float("inf"), rtol=_DEFAULT.rtol, atol=_DEFAULT.atol,
+        inputs=shapes[0], detail=detail, verdict="FAILED", input_sets=shapes,
+    )
+    try:
+        with after.session(after_extra) as run:
+            fused = []
+            for i, (feeds, _) in enumerate(sets):
+                try:
+                    fused.append(tally.add("fused", i, run(feeds)))
+                except Exception as e:
+                    return failed(f"the fused model failed on input set {i + 1} that the original ran on: {_first_line(e)}")
+    except _LoadError as e:
+        return failed(str(e))
+    return _judge(before, tally, [expected for _, expected in sets], fused, shapes)
+
+
+class _Tally:
+    """Each layer's worst error against its reference, per side, accumulated run by run so that
+    no run's layer values outlive it (only the model outputs are kept, and the original's layer
+    input where it is out of tolerance: the float64 subgraph check needs it)."""
+
+    def __init__(self, layers: list[_Layer], outputs: list[str]) -> None:
+        self.layers = layers
+        self.outputs = outputs
+        self.checks = [LayerCheck(node=layer.node, input=layer.x, output=layer.y, fused_error=0.0, fused_ratio=0.0) for layer in layers]
+        self.suspect_inputs: dict[str, tuple[np.ndarray, dict]] = {}  # layer node -> (original X, params)
+
+    def add(self, side: str, index: int, results: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        for layer, check in zip(self.layers, self.checks):
+            if side == "original" and not layer.in_original:
+                continue
+            x, y = results[layer.x], results[layer.y]
+            try:
+                d = layer.diff(x, y, results)
+            except ValueError as e:  # the original's value of that name is laid out differently
+                logger.debug("layer %s: no %s reference: %s", layer.node, side, e)
+                continue
+            ratio = d.ratio if d.same_positions else float("inf")
+            error, worst = getattr(check, f"{side}_error") or 0.0, getattr(check, f"{side}_ratio") or 0.0
+            setattr(check, f"{side}_error", max(error, d.max_abs))
+            setattr(check, f"{side}_ratio", max(worst, ratio))
+            if side == "original" and ratio > 1 and layer.node not in self.suspect_inputs:
+                self.suspect_inputs[layer.node] = (x.copy(), {n: results[n].copy() for n in layer.params if n in results})
+        # Copies: onnxruntime's arrays may keep the session's whole memory arena alive.
+        return {name: np.array(results[name], copy=True) for name in self.outputs}
+
+
+def _judge(before: _Model, tally: _Tally, expected_sets: list[dict], fused: list[dict], shapes: list[dict]) -> Verification:
+    notes, problems = [], []
+    positions_ok = True
+    outputs: dict[str, OutputCheck] = {}
+    tolerance = _DEFAULT
+    for i, (expected, actual) in enumerate(zip(expected_sets, fused)):
+        for name in before.outputs:
+            a, b = actual[name], expected[name]
+            tolerance = _tolerance(b.dtype)
+            d = _diff(a, b, tolerance)
+            check = outputs.setdefault(name, OutputCheck(name=name, max_abs_error=0.0, worst_ratio=0.0, nonfinite=0, passed=True))
+            check.max_abs_error = max(check.max_abs_error, d.max_abs)
+            check.worst_ratio = max(check.worst_ratio, d.ratio)
+            check.nonfinite = max(check.nonfinite, d.nonfinite)
+            if not d.same_positions:
+                check.passed = positions_ok = False
+                problems.append(f"output {name!r} on input set {i + 1}: not finite in the original at {_positions(b)}, in the fused model at {_positions(a)}")
+            elif d.nonfinite:
+                notes.append(f"output {name!r} on input set {i + 1}: the original is not finite at {_positions(b)}; the fused model is not finite at the same positions (compared there as positions)")
+            if d.ratio > 1:
+                check.passed = False
+    outputs_ok = all(c.passed for c in outputs.values())
+
+    layers, checks = tally.layers, tally.checks
+    layers_ok = True
+    for check in checks:
+        if check.fused_ratio > 1 and not (check.original_error is not None and check.fused_error <= check.original_error):
+            layers_ok = False
+            problems.append(f"layer {check.node}: {check.fused_error:.3g} from its float64 reference ({check.fused_ratio:.3g} of the tolerance)"
+                            + (f", the original's subgraph {check.original_error:.3g}" if check.original_error is not None else ""))
+
+    verdict = "passed" if layers_ok and outputs_ok else "FAILED"
+    if not outputs_ok:
+        bad = [c for c in outputs.values() if c.worst_ratio > 1]
+        if bad:
+            problems.insert(0, "outputs differ beyond the tolerance: " + ", ".join(f"{c.name!r} by {c.max_abs_error:.3g} ({c.worst_ratio:.3g} of it)" for c in bad))
+    if layers_ok and not outputs_ok and positions_ok:
+        suspects = [(layer, c) for layer, c in zip(layers, checks) if c.original_ratio is not None and c.original_ratio > 1 and c.original_error > c.fused_error]
+        reasons = []
+        for layer, check in suspects:
+            x, params = tally.suspect_inputs[layer.node]
+            check.confirmed, why = _confirmed(before.ir, layer, x, params)
+            if why:
+                reasons.append(why)
+        if suspects and not reasons:
+            verdict = MORE_ACCURATE
+            worst = max(suspects, key=lambda s: s[1].original_error)[1]
+            notes.append(f"the outputs differ beyond the tolerance because the export's own arithmetic is off: layer {worst.node} is "
+                         f"{worst.original_error:.3g} from its float64 reference in the original, {worst.fused_error:.3g} in the fused model")
+        problems.extend(reasons)
+
+    return Verification(
+        passed=verdict != "FAILED",
+        max_abs_error=max((c.max_abs_error for c in outputs.values()), default=0.0),
+        worst_ratio=max((c.worst_ratio for c in outputs.values()), default=0.0),
+        rtol=tolerance.rtol,
+        atol=tolerance.atol,
+        inputs=shapes[0],
+        detail="; ".join(problems) if verdict == "FAILED" else "",
+        verdict=verdict,
+        layers=checks,
+        outputs=list(outputs.values()),
+        notes=notes,
+        input_sets=shapes,
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import pathlib
@@ -95,7 +96,15 @@ def test_inspect(model_path, capsys):
 def test_verification_failure_exits_1_and_writes_nothing(model_path, tmp_path, monkeypatch, capsys):
     from onnx_groupnorm.rewriter import verify as verify_module
 
-    monkeypatch.setitem(verify_module.VERIFY_TOLERANCES, "float32", verify_module.Tolerance(rtol=0.0, atol=1e-30))
+    real_verify = verify_module.verify
+
+    def wrong_fusion(original, fused, **kwargs):  # the fusion got epsilon wrong
+        fused = copy.deepcopy(fused)
+        for attr in (a for n in fused.graph.node for a in n.attribute if a.name == "epsilon"):
+            attr.f *= 100
+        return real_verify(original, fused, **kwargs)
+
+    monkeypatch.setattr(verify_module, "verify", wrong_fusion)
     out = tmp_path / "out.onnx"
     assert cli.main(["fuse", str(model_path), "-o", str(out), "--verify"]) == cli.EXIT_VERIFY_FAILED
     assert not out.exists()

@@ -78,6 +78,8 @@ def main_parser() -> argparse.ArgumentParser:
     )
     fuse.add_argument("--absorb-silu", dest="absorb_activation", action="store_true", default=None, help="fold a following SiLU/swish into the op (activation=1)")
     fuse.add_argument("--seed", type=int, default=0, help="seed of the verification inputs (default 0)")
+    fuse.add_argument("--input-shape", action="append", default=[], metavar="NAME=DxD", help="verification input shape of input NAME, e.g. audio=1x16000 (repeatable; default: found by trying)")
+    fuse.add_argument("--inputs", type=pathlib.Path, metavar="FILE.npz", help="verification inputs: arrays by input name (np.savez)")
 
     inspect = sub.add_parser("inspect", parents=[output], help="list GroupNormalization candidates and whether each would fuse")
     inspect.add_argument("input", type=pathlib.Path, help="the exported model (.onnx)")
@@ -130,10 +132,12 @@ def _say(args, text: str) -> None:
 
 def _fuse(args) -> int:
     from .rewriter import fuse, io
+    from .rewriter.inputs import InputSpec
 
     io.check_paths(args.input, args.output, args.report)
     if args.verify:
         _check_verifiable(args.target)
+    verify_inputs = InputSpec.from_cli(args.input_shape, args.inputs)
     model = io.load_model(args.input)
     io.check_spares_input(args.input, args.output, args.report)
     if args.target == "onnx":
@@ -147,6 +151,7 @@ def _fuse(args) -> int:
         absorb_activation=args.absorb_activation,
         source=str(args.input),
         seed=args.seed,
+        verify_inputs=verify_inputs,
     )
     fused = _external_rebased(fused, args.input)
     _in_graph_order(report, fused)

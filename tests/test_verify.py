@@ -1,0 +1,312 @@
+"""Verification (rewriter.verify, rewriter.inputs): inputs the model accepts, each fused layer
+judged against its float64 NumPy reference, NaN compared as positions, a wrong fusion fails,
+and the CLI's --input-shape / --inputs / exit codes."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import onnx
+import pytest
+from corpus import entries, load
+from helpers import keras_dynamo_group_norm
+from keras_graphs import F32, I64, Builder
+from onnx import TensorProto, helper
+
+from onnx_groupnorm import cli, ops
+from onnx_groupnorm.rewriter import fuse
+from onnx_groupnorm.rewriter import verify as verify_module
+from onnx_groupnorm.rewriter.errors import ModelFileError, UsageError
+from onnx_groupnorm.rewriter.inputs import InputSpec, parse_input_shape
+
+#: The conv stack's receptive field: three Convs of kernel 16, stride 8 need
+#: 16 + 8 * 15 + 64 * 15 = 1096 samples; the verifier's first sizes (8, 16, ...) are refused.
+CONV_KERNEL, CONV_STRIDE, CONV_LAYERS = 16, 8, 3
+MIN_SAMPLES = CONV_KERNEL + sum(CONV_STRIDE**i * (CONV_KERNEL - 1) for i in range(1, CONV_LAYERS))
+#: The large-mean input: offset OFFSET added before a one-pass E[x^2]-E[x]^2 export. float32
+#: holds E[x^2] ~ OFFSET^2 = 9e4 to ~5e-3 absolute, ~5e-3 of a unit variance: the export is off
+#: by ~1e-3 relative, the fused two-pass op by ~OFFSET * 6e-8 ~ 2e-5 (1e-4 tolerance).
+OFFSET = 300.0
+
+
+def torch_group_norm(b: Builder, x: str, channels: int, groups: int, *, seed: int = 0, eps: float = 1e-5) -> str:
+    """torch.nn.GroupNorm as TorchScript exports it (Reshape [0, G, -1] -> InstanceNormalization ->
+    Reshape(Shape(x)) -> Mul gamma -> Add beta): every size but C may be dynamic."""
+    rng = np.random.default_rng(seed)
+    xg = b.op("Reshape", x, b.i64([0, groups, -1]), allowzero=0)
+    n = b.op("InstanceNormalization", xg, np.ones(groups, np.float32), np.zeros(groups, np.float32), epsilon=eps)
+    r = b.op("Reshape", n, b.op("Shape", x))
+    r = b.op("Mul", r, rng.normal(1, 0.5, (channels, 1)).astype(np.float32))
+    return b.op("Add", r, rng.normal(0, 0.5, (channels, 1)).astype(np.float32))
+
+
+def conv_stack_model() -> onnx.ModelProto:
+    """audio [1, 1, T] -> three strided Conv1d -> GroupNorm: onnxruntime refuses T < MIN_SAMPLES."""
+    rng = np.random.default_rng(1)
+    b = Builder("enc")
+    h, channels = "audio", 1
+    for _ in range(CONV_LAYERS):
+        w = (rng.normal(0, 1, (16, channels, CONV_KERNEL)) / np.sqrt(channels * CONV_KERNEL)).astype(np.float32)
+        h, channels = b.op("Conv", h, w, strides=[CONV_STRIDE]), 16
+    y = torch_group_norm(b, h, channels, 4)
+    b.op("Identity", y, name="features")
+    return b.model([("audio", F32, [1, 1, "T"])], [("features", F32, [1, 16, None])], opset=17)
+
+
+def large_mean_model() -> onnx.ModelProto:
+    """x + OFFSET through the Keras torch-dynamo export (one-pass variance in float32)."""
+    shape = (2, 6, 6, 32)
+    nodes, _ = keras_dynamo_group_norm("shifted", "y", shape, 4, epsilon=1e-3)
+    offset = helper.make_node("Constant", [], ["offset"], value=onnx.numpy_helper.from_array(np.array(OFFSET, np.float32)))
+    nodes = [offset, helper.make_node("Add", ["x", "offset"], ["shifted"]), *nodes]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", F32, shape)], [helper.make_tensor_value_info("y", F32, shape)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)], ir_version=10)
+
+
+VOCAB = 50
+
+
+def masked_tokens_model() -> onnx.ModelProto:
+    """ids [B, S] -> embedding -> minus the masked mean over S -> GroupNorm. A mask row of zeros
+    divides 0 by 0: NaN over that row, as a recurrent or pooling model gives on random masks."""
+    rng = np.random.default_rng(2)
+    b = Builder("tok")
+    table = b.const(rng.normal(0, 1, (VOCAB, 16)).astype(np.float32), name="table")
+    emb = b.op("Transpose", b.op("Gather", table, "ids"), perm=[0, 2, 1])  # [B, 16, S]
+    m = b.op("Unsqueeze", b.op("Cast", "mask", to=F32), b.i64([1]))  # [B, 1, S]
+    mean = b.op("Div", b.op("ReduceSum", b.op("Mul", emb, m), b.i64([2]), keepdims=1), b.op("ReduceSum", m, b.i64([2]), keepdims=1))
+    y = torch_group_norm(b, b.op("Sub", emb, mean), 16, 4)
+    b.op("Identity", y, name="y")
+    return b.model([("ids", I64, ["B", "S"]), ("mask", TensorProto.BOOL, ["B", "S"])], [("y", F32, ["B", 16, "S"])], opset=17)
+
+
+def uint8_image_model() -> onnx.ModelProto:
+    b = Builder("img")
+    x = b.op("Transpose", b.op("Div", b.op("Cast", "image", to=F32), np.array(255.0, np.float32)), perm=[0, 3, 1, 2])
+    b.op("Identity", torch_group_norm(b, b.op("Conv", x, np.ones((8, 3, 1, 1), np.float32)), 8, 2), name="y")
+    return b.model([("image", TensorProto.UINT8, ["N", "H", "W", 3])], [("y", F32, None)], opset=17)
+
+
+def _fused(model, **kwargs):
+    fused, report = fuse(model, **kwargs)
+    assert report.fused, report.summary()
+    return fused, report
+
+
+def _mutated(fused: onnx.ModelProto, mutate) -> onnx.ModelProto:
+    """A copy of ``fused`` with ``mutate(node)`` applied to each node of our op: a wrong fusion."""
+    wrong = copy.deepcopy(fused)
+    for node in wrong.graph.node:
+        if node.domain == ops.DOMAIN:
+            mutate(node, wrong)
+    return wrong
+
+
+# -- input synthesis ---------------------------------------------------------------------------
+
+
+def test_dynamic_length_grows_until_the_model_runs():
+    model = conv_stack_model()
+    _, report = _fused(model, verify=True)
+    v = report.verification
+    assert v.verdict == "passed", v.summary_lines()
+    lengths = [s["audio"][2] for s in v.input_sets]
+    assert len(set(lengths)) == 2 and min(lengths) >= MIN_SAMPLES
+    assert min(lengths) < 2 * MIN_SAMPLES  # grown by doubling, not a guess far above
+    (layer,) = v.layers
+    assert layer.original_error is not None and layer.fused_ratio <= 1
+
+
+def test_input_shape_and_inputs_override(tmp_path):
+    model = conv_stack_model()
+    fused, _ = _fused(model)
+    v = verify_module.verify(model, fused, spec=InputSpec(shapes={"audio": (1, 1, 3000)}))
+    assert v.passed and v.input_sets == [{"audio": [1, 1, 3000]}]
+    audio = np.random.default_rng(0).normal(size=(1, 1, 2048)).astype(np.float32)
+    v = verify_module.verify(model, fused, spec=InputSpec(feeds={"audio": audio}))
+    assert v.passed and v.input_sets == [{"audio": [1, 1, 2048]}]
+    with pytest.raises(UsageError, match="'audio'.*--input-shape"):
+        verify_module.verify(model, fused, spec=InputSpec(shapes={"audio": (1, 1, 100)}))
+    with pytest.raises(UsageError, match="'nope' is not an input of the model; its inputs are: audio"):
+        verify_module.verify(model, fused, spec=InputSpec(shapes={"nope": (1, 2)}))
+    with pytest.raises(UsageError, match="fixes size 1"):
+        verify_module.verify(model, fused, spec=InputSpec(shapes={"audio": (2, 1, 3000)}))
+
+
+@pytest.mark.parametrize("text", ["audio", "audio=", "=1x2", "audio=1xa", "audio=1x-2"])
+def test_bad_input_shape_flag(text):
+    with pytest.raises(UsageError, match="NAME=DxDxD"):
+        parse_input_shape(text)
+    assert parse_input_shape("a=b=1x16000") == ("a=b", (1, 16000))
+
+
+def test_ids_and_masks_fit_the_model():
+    """ids below the embedding table's size; masks all ones, then a prefix of ones per row
+    (never an empty row): the original is finite and verification passes without notes."""
+    model = masked_tokens_model()
+    from onnx_groupnorm.rewriter.inputs import Plan
+    import onnx_ir as ir
+
+    plan = Plan(ir.from_proto(model), seed=3)
+    (first,) = list(plan.growth())[:1]
+    ids, mask = plan.feeds(first)["ids"], plan.feeds(first)["mask"]
+    assert ids.min() >= 0 and ids.max() < VOCAB and mask.all()
+    mixed = plan.feeds(first, index=1)["mask"]
+    assert not mixed.all() and mixed.any(axis=-1).all() and (np.diff(mixed.astype(int), axis=-1) <= 0).all()
+    _, report = _fused(model, verify=True)
+    v = report.verification
+    assert v.verdict == "passed" and v.notes == [], v.summary_lines()
+    assert [s["ids"] == s["mask"] for s in v.input_sets] == [True, True]
+
+
+def test_nan_in_the_original_is_compared_as_positions(tmp_path):
+    """Random 0/1 masks (given with --inputs) empty some rows: NaN there in both models, reported
+    as such and passing; a fused model with NaN elsewhere fails and says where."""
+    model = masked_tokens_model()
+    fused, _ = _fused(model)
+    rng = np.random.default_rng(4)
+    feeds = {"ids": rng.integers(0, VOCAB, (4, 3)), "mask": rng.integers(0, 2, (4, 3)).astype(bool)}
+    feeds["mask"][0] = False  # at least one empty row
+    v = verify_module.verify(model, fused, spec=InputSpec(feeds=feeds))
+    assert v.verdict == "passed", v.summary_lines()
+    assert any("not finite" in n and "same positions" in n and "NaN" in n for n in v.notes), v.notes
+    (out,) = v.outputs
+    assert out.nonfinite >= 16 * 3 and np.isfinite(v.max_abs_error)
+
+    def nan_beta(node, model):  # a fusion that writes NaN into one channel
+        for init in model.graph.initializer:
+            if init.name == node.input[2]:
+                beta = onnx.numpy_helper.to_array(init).copy()
+                beta.reshape(-1)[5] = np.nan
+                init.CopyFrom(onnx.numpy_helper.from_array(beta, init.name))
+
+    v = verify_module.verify(model, _mutated(fused, nan_beta), spec=InputSpec(feeds=feeds))
+    assert v.verdict == "FAILED" and "not finite in the original at" in v.detail
+
+
+def test_uint8_input_is_generated_over_its_range():
+    _, report = _fused(uint8_image_model(), verify=True)
+    assert report.verification.verdict == "passed"
+    assert report.verification.inputs["image"][-1] == 3
+
+
+# -- the judgement ---------------------------------------------------------------------------
+
+
+def test_more_accurate_than_the_export():
+    model = large_mean_model()
+    _, report = _fused(model, verify=True)
+    v = report.verification
+    assert v.passed and v.verdict == verify_module.MORE_ACCURATE, v.summary_lines()
+    (layer,) = v.layers
+    # the export's one-pass variance is out of tolerance, ours within it, on the same inputs
+    assert layer.original_ratio > 1 >= layer.fused_ratio and layer.confirmed is True
+    assert v.worst_ratio > 1  # the outputs do differ beyond the tolerance
+    assert any(f"{layer.original_error:.3g}" in n and f"{layer.fused_error:.3g}" in n for n in v.notes)
+    data = json.loads(report.to_json())["verification"]
+    assert data["verdict"] == verify_module.MORE_ACCURATE
+    assert data["layers"][0]["original_error"] == layer.original_error and data["layers"][0]["fused_error"] == layer.fused_error
+
+
+def _set_epsilon(node, model):
+    for attr in node.attribute:
+        if attr.name == "epsilon":
+            attr.f *= 100
+
+
+def _scale_gamma(node, model):
+    for init in model.graph.initializer:
+        if init.name == node.input[1]:
+            init.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(init) * np.float32(1.01), init.name))
+
+
+@pytest.mark.parametrize("mutate", [_set_epsilon, _scale_gamma], ids=["epsilon", "gamma"])
+@pytest.mark.parametrize("build", [large_mean_model, conv_stack_model], ids=["large_mean", "conv_stack"])
+def test_a_wrong_fusion_fails(build, mutate):
+    """The reference uses the fused node's configuration, so a wrong epsilon or gamma is
+    consistent with itself; it must still fail: the outputs differ, and where the export
+    also looks imprecise, the original's subgraph in float64 shows the configuration changed."""
+    model = build()
+    fused, _ = _fused(model)
+    v = verify_module.verify(model, _mutated(fused, mutate))
+    assert not v.passed and v.verdict == "FAILED", v.summary_lines()
+    assert "outputs differ beyond the tolerance" in v.detail
+
+
+# -- errors and the CLI ----------------------------------------------------------------------
+
+
+def test_model_onnxruntime_refuses_is_a_model_file_error():
+    model = large_mean_model()
+    model.graph.node.insert(0, helper.make_node("NoSuchOp", ["x"], ["unused"], domain="unknown.domain"))
+    model.opset_import.append(helper.make_opsetid("unknown.domain", 1))
+    with pytest.raises(ModelFileError, match="m.onnx: onnxruntime cannot load the original model"):
+        verify_module.verify(model, model, source="m.onnx")
+
+
+def test_onnxruntime_missing_is_a_usage_error(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_ort(name, *args, **kwargs):
+        if name == "onnxruntime":
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_ort)
+    model = large_mean_model()
+    with pytest.raises(UsageError, match=r"pip install onnx-groupnorm\[ort\]"):
+        verify_module.verify(model, model)
+
+
+def test_verify_takes_paths_and_onnx_ir_models(tmp_path):
+    import onnx_ir as ir
+
+    model = conv_stack_model()
+    fused, _ = _fused(model)
+    onnx.save(model, tmp_path / "in.onnx")
+    v = verify_module.verify(tmp_path / "in.onnx", ir.from_proto(fused))
+    assert v.verdict == "passed" and len(v.layers) == 1
+
+
+def test_cli_flags_and_exit_codes(tmp_path, capsys):
+    src, out, report = tmp_path / "in.onnx", tmp_path / "out.onnx", tmp_path / "r.json"
+    onnx.save(conv_stack_model(), src)
+    assert cli.main(["fuse", str(src), "-o", str(out), "--verify", "--input-shape", "audio=1x1x2500", "--report", str(report)]) == cli.EXIT_OK
+    assert json.loads(report.read_text())["verification"]["input_sets"] == [{"audio": [1, 1, 2500]}]
+    np.savez(tmp_path / "in.npz", audio=np.ones((1, 1, 1500), np.float32))
+    assert cli.main(["fuse", str(src), "-o", str(out), "--verify", "--inputs", str(tmp_path / "in.npz")]) == cli.EXIT_OK
+    assert "'audio': [1, 1, 1500]" in capsys.readouterr().out
+    assert cli.main(["fuse", str(src), "-o", str(tmp_path / "o2.onnx"), "--verify", "--input-shape", "audio=1x1x64"]) == cli.EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "input 'audio'" in err and "--input-shape" in err and str(src) in err
+    assert not (tmp_path / "o2.onnx").exists()
+    assert cli.main(["fuse", str(src), "-o", str(out), "--verify", "--inputs", str(tmp_path / "missing.npz")]) == cli.EXIT_BAD_INPUT
+
+
+# -- every model of models/ ------------------------------------------------------------------
+
+
+def _sample(entry, seen=set()) -> bool:
+    """One model per exporter route, pattern family, dtype policy and static/dynamic: the
+    default run; the rest of models/ is marked slow (run with --run-slow)."""
+    key = (entry["route"], entry["pattern_family"], entry["dtype_policy"], "dyn" in entry["name"], entry["negative"])
+    if key in seen:
+        return False
+    seen.add(key)
+    return True
+
+
+CORPUS = [p if _sample(p.values[0]) else pytest.param(*p.values, id=p.id, marks=pytest.mark.slow) for p in entries()]
+
+
+@pytest.mark.parametrize("entry", CORPUS)
+def test_verify_passes_on_every_model(entry):
+    _, report = fuse(load(entry), verify=True)
+    v = report.verification
+    assert v.verdict == "passed" and v.notes == [], v.summary_lines()
+    assert len(v.layers) <= entry["expected_group_norms"]
+    assert all(c.original_error is not None and c.fused_ratio <= 1 for c in v.layers)

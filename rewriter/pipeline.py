@@ -102,7 +102,9 @@ class _Snapshot:
             while changed:
                 changed = False
                 for node in reversed(list(graph_like)):
-                    if node in self.node_names and node not in self.dead and _is_dead(node):
+                    # Nodes we made (not in the snapshot) go too once dead, e.g. a target's
+                    # Transpose for a reader the clean-up removed.
+                    if node not in self.dead and _is_dead(node):
                         for out in node.outputs:  # let go of users already removed
                             for use in list(out.uses()):
                                 use.node.replace_input_with(use.idx, None)

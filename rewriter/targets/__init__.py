@@ -4,7 +4,9 @@ that rewrites the model in place and records what it did (``report.lowered``) an
 left as our op and why (``report.notes``).
 
 * ``function`` (default): our op with its function body attached; nothing to lower.
-* ``onnx``: :mod:`.onnx_standard`; ``ort``: :mod:`.ort_cpu`; ``ort-gpu``: :mod:`.ort_gpu`.
+* ``onnx``: :mod:`.onnx_standard`; ``ort``: :mod:`.ort_cpu`; ``ort-gpu``: :mod:`.ort_gpu`;
+  ``portable`` (standard ops only, runs in every runtime): :mod:`.portable`;
+  ``openvino`` (OpenVINO's native GroupNormalization, our body attached): :mod:`.openvino`.
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ from collections.abc import Callable
 
 import onnx_ir as ir
 
+from .._graphs import graph_likes
 from ..report import FuseReport
-from . import onnx_standard, ort_cpu, ort_gpu
+from . import onnx_standard, openvino, ort_cpu, ort_gpu, portable
 
 __all__ = ["DEFAULT_TARGET", "TARGETS", "NOT_ON_CPU", "lower", "absorbs_activation_by_default"]
 
@@ -36,6 +39,8 @@ TARGETS: dict[str, Callable[[ir.Model, FuseReport], None]] = {
     "onnx": _onnx,
     "ort": ort_cpu.lower,
     "ort-gpu": ort_gpu.lower,
+    "portable": portable.lower,
+    "openvino": openvino.lower,
 }
 
 #: What ``fuse`` and the CLI use when no target is named.
@@ -46,7 +51,7 @@ NOT_ON_CPU = {"ort-gpu": "com.microsoft.GroupNorm has CUDA, ROCm and DirectML ke
 
 #: Targets whose deployment form benefits from a SiLU absorbed into the op.
 _ABSORB_BY_DEFAULT = {
-    name for name, module in (("onnx", onnx_standard), ("ort", ort_cpu), ("ort-gpu", ort_gpu)) if module.ABSORBS_ACTIVATION
+    name for name, module in (("onnx", onnx_standard), ("ort", ort_cpu), ("ort-gpu", ort_gpu), ("portable", portable), ("openvino", openvino)) if module.ABSORBS_ACTIVATION
 }
 
 
@@ -54,9 +59,28 @@ def absorbs_activation_by_default(target: str) -> bool:
     return target in _ABSORB_BY_DEFAULT
 
 
+def _unique_node_names(model: ir.Model, before: set[ir.Node]) -> None:
+    """onnxruntime refuses a graph with two nodes of one name: a node a target made that
+    shares its name with another node of its graph gets a numbered suffix (nodes that were
+    there before keep theirs)."""
+    for container in graph_likes(model):
+        taken = {node.name for node in container if node.name and node in before}
+        for node in container:
+            if not node.name or node in before:
+                continue
+            name, k = node.name, 0
+            while name in taken:
+                k += 1
+                name = f"{node.name}_{k}"
+            node.name = name
+            taken.add(name)
+
+
 def lower(model: ir.Model, target: str, report: FuseReport) -> None:
     try:
         lowering = TARGETS[target]
     except KeyError:
         raise ValueError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}") from None
+    before = {node for container in graph_likes(model) for node in container}
     lowering(model, report)
+    _unique_node_names(model, before)

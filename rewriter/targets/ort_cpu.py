@@ -409,10 +409,47 @@ def _set_output(container, old: ir.Value, new: ir.Value) -> None:
             container.outputs[k] = new
 
 
+def _channels_first_shape(old_out: ir.Value, new: ir.Node, rank: int) -> ir.Shape | None:
+    """The shape of a region node's channels-first output: the old one permuted, or (our op's
+    outputs carry none: onnx cannot infer through a custom op) its data input's, so that a
+    later lowering (the ``onnx`` target) knows the rank of every tensor this move created."""
+    if old_out.shape is not None and len(old_out.shape) == rank:
+        return ir.Shape([old_out.shape[k] for k in _to_first(rank)])
+    if is_ours(new) or _std(new, _UNARY):
+        source = new.inputs[0]
+        return ir.Shape(list(source.shape)) if source is not None and source.shape is not None else None
+    full = [v.shape for v in new.inputs if v is not None and v.shape is not None and len(v.shape) == rank]
+    if len(full) == len([v for v in new.inputs if v is not None and _const(v) is None]) and full:
+        # Elementwise broadcast of rank-r operands: a static dim > 1 wins, else the first's.
+        dims = []
+        for k in range(rank):
+            column = [s[k] for s in full]
+            static = [d for d in column if isinstance(d, int) and d != 1]
+            dims.append(static[0] if static else column[0])
+        return ir.Shape(dims)
+    return None
+
+
+def _back_to_last(container, old_out: ir.Value, new_out: ir.Value, to_last: list[int], backs: dict) -> ir.Value:
+    """``Transpose(new_out, perm=to_last)``, typed as ``old_out``: inserted after its producer
+    once per value (``backs`` remembers it)."""
+    if new_out in backs:
+        return backs[new_out]
+    producer_new = new_out.producer()
+    t = _transpose(new_out, to_last, f"{_label(producer_new)}_to_nhwc")
+    container.insert_after(producer_new, t)
+    back = t.outputs[0]
+    back.type = old_out.type
+    back.shape = old_out.shape
+    backs[new_out] = back
+    return back
+
+
 def _rewrite(container, region: _Region) -> None:
     rank, to_last, to_first = region.rank, _to_last(region.rank), _to_first(region.rank)
     new_of: dict[ir.Value, ir.Value] = {}  # old (NHWC) region value -> new (NCHW) value
     inserted_in: dict[ir.Value, ir.Value] = {}
+    backs: dict[ir.Value, ir.Value] = {}  # new (NCHW) value -> its Transpose back to NHWC
     for node in region.nodes:
         inputs = list(node.inputs)
         for i in _data_inputs(node):
@@ -458,14 +495,13 @@ def _rewrite(container, region: _Region) -> None:
         new.metadata_props.update(node.metadata_props)
         for old_out, new_out in zip(node.outputs, new.outputs):
             new_out.type = old_out.type
+            new_out.shape = _channels_first_shape(old_out, new, rank)
             new_out.name = f"{old_out.name}_nchw" if old_out.name else None
             new_of[old_out] = new_out
         container.insert_before(node, new)
     # Readers outside the region.
     for old_out, uses in region.exits.items():
         new_out = new_of[old_out]
-        producer_new = new_out.producer()
-        back: ir.Value | None = None
         for kind, transpose in uses:
             if kind == "bypass" and transpose is not None and transpose.graph is not None:
                 back_to_first = transpose.outputs[0]
@@ -474,16 +510,26 @@ def _rewrite(container, region: _Region) -> None:
                     _set_output(container, back_to_first, new_out)
                 ir.convenience.replace_all_uses_with(back_to_first, new_out)
         if any(kind == "insert" for kind, _ in uses):
-            t = _transpose(new_out, to_last, f"{_label(producer_new)}_to_nhwc")
-            container.insert_after(producer_new, t)
-            back = t.outputs[0]
-            back.type = old_out.type
-            back.shape = old_out.shape
+            back = _back_to_last(container, old_out, new_out, to_last, backs)
             for use in list(_uses(old_out)):
                 if use.node not in region.members:
                     use.node.replace_input_with(use.idx, back)
             if old_out.is_graph_output():
                 _set_output(container, old_out, back)
+    # Dead readers (nodes whose outputs nobody reads, which exporters leave behind) did not
+    # count while planning, but they must not keep the old region alive beside its copy (two
+    # nodes with one name): they read the channels-last value through a Transpose of their own.
+    present = _all_nodes(container)
+    for node in region.nodes:
+        for old_out in node.outputs:
+            dead_uses = [
+                use for use in old_out.uses()
+                if use.node not in region.members and use.node in present and use.node not in _READERS
+            ]
+            if dead_uses:
+                back = _back_to_last(container, old_out, new_of[old_out], to_last, backs)
+                for use in dead_uses:
+                    use.node.replace_input_with(use.idx, back)
     # The old region, the bypassed Transposes and the input Transposes nobody reads any more.
     dead = list(reversed(region.nodes))
     for uses in region.exits.values():

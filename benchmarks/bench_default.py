@@ -1,0 +1,197 @@
+"""Whole-model latency of every target against the original export, in onnxruntime CPU and
+OpenVINO CPU (f32), plus an onnxruntime per-node profile by op type.
+
+Models: the real-size exports in /work/bigmodels (or ``--big DIR``; ``NAME.onnx`` with a
+``NAME.ready`` marker, made by benchmarks/realsize/) when present, else the diffusion-sized
+layer exports in benchmarks/models/ and the block models of models/. For each model every
+target's output is made with ``fuse``; all forms are timed in one process, runs alternated
+round-robin (``_timing.time_alternated``), medians; ratio = form / original (below 1 is
+faster). OpenVINO runs at ``INFERENCE_PRECISION_HINT=f32`` (its bf16 default on this CPU is
+faster and far less precise: every OpenVINO figure here is f32).
+
+    python benchmarks/bench_default.py [--only SUBSTRING] [--repeats N] [--profile] [--no-openvino]
+
+``--profile`` adds, per form, the share of onnxruntime's per-node time held by: the
+GroupNormalization arithmetic (our op's body and the exporter subgraph ops), layout
+Transposes, NCHWc ReorderInput/ReorderOutput, Conv, and the rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import logging
+import os
+import pathlib
+import sys
+import tempfile
+
+import numpy as np
+import onnx
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from _timing import THREADS, machine, session, time_alternated  # noqa: E402
+
+from onnx_groupnorm.rewriter import TARGETS, fuse  # noqa: E402
+from onnx_groupnorm.rewriter.targets import NOT_ON_CPU  # noqa: E402
+
+__all__ = ["main"]
+
+logger = logging.getLogger("bench_default")
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+BIG = pathlib.Path(os.environ.get("ONNX_GROUPNORM_BIGMODELS", "/work/bigmodels"))
+BENCH_MODELS = pathlib.Path(__file__).resolve().parent / "models"
+#: Only layers at least this large (spatial H*W) count for the "never slower" claim.
+MIN_SPATIAL = 32 * 32
+_DTYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16}
+
+
+def _models(big: pathlib.Path, only: str | None) -> list[pathlib.Path]:
+    found = sorted(p.with_suffix(".onnx") for p in big.glob("*.ready")) if big.is_dir() else []
+    if not found:
+        found = sorted(BENCH_MODELS.glob("keras_*_gn_*.onnx"))
+        manifest = json.loads((ROOT / "models" / "manifest.json").read_text(encoding="utf-8"))
+        found += [ROOT / "models" / e["file"] for e in manifest["models"] if "block" in e["name"] and not e["negative"]]
+    return [p for p in found if p.exists() and (not only or only in p.stem)]
+
+
+def _inputs(path: pathlib.Path, model: onnx.ModelProto) -> list[np.ndarray]:
+    """The inputs saved beside the model (``in_*`` arrays), else seeded normal data of the
+    static shape (symbolic dims: 1 for the batch, 64 elsewhere)."""
+    data = path.with_suffix(".npz")
+    if data.exists():
+        with np.load(data) as d:
+            saved = [d[k] for k in sorted(d.files) if k.startswith("in_")]
+        if saved:
+            return saved
+    rng = np.random.default_rng(0)
+    initializers = {i.name for i in model.graph.initializer}
+    out = []
+    for vi in model.graph.input:
+        if vi.name in initializers:
+            continue
+        dims = [d.dim_value if d.dim_value else (1 if k == 0 else 64) for k, d in enumerate(vi.type.tensor_type.shape.dim)]
+        out.append(rng.standard_normal(dims).astype(_DTYPES[vi.type.tensor_type.elem_type]))
+    return out
+
+
+def _ov_runner(model: onnx.ModelProto, inputs):
+    import openvino as ov
+
+    core = ov.Core()
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "m.onnx")
+        onnx.save(model, path)
+        compiled = core.compile_model(core.read_model(path), "CPU", {
+            "INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": THREADS,
+        })
+    request = compiled.create_infer_request()
+    return lambda: request.infer(list(inputs)), lambda: [np.asarray(request.infer(list(inputs))[o]) for o in compiled.outputs]
+
+
+_GN_OPS = {
+    "GroupNormalization", "InstanceNormalization", "BatchNormalization", "ReduceMean", "ReduceSum", "ReduceSumSquare",
+    "Sub", "Sqrt", "Reciprocal", "Div", "Pow", "Neg", "Tile", "Expand", "Slice", "Reshape", "MatMul",
+}
+
+
+def _bucket(op: str) -> str:
+    if op in ("ReorderInput", "ReorderOutput"):
+        return "NCHWc reorders"
+    if op == "Transpose":
+        return "Transpose"
+    if op in ("Conv", "FusedConv", "NchwcConv"):
+        return "Conv"
+    if op in _GN_OPS:
+        return "GN arithmetic"
+    return "other (Mul/Add/Sigmoid/Resize/...)"
+
+
+def _profile(model: onnx.ModelProto, inputs, runs: int = 3) -> dict[str, float]:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = THREADS
+    so.log_severity_level = 3
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    with tempfile.TemporaryDirectory() as folder:
+        so.enable_profiling = True
+        so.profile_file_prefix = os.path.join(folder, "p")
+        s = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        feeds = {i.name: x for i, x in zip(s.get_inputs(), inputs)}
+        s.run(None, feeds)  # warm-up, not counted below
+        for _ in range(runs):
+            s.run(None, feeds)
+        events = json.loads(pathlib.Path(s.end_profiling()).read_text())
+    per_run = collections.Counter()
+    run_events = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+    for e in run_events[len(run_events) // (runs + 1):]:  # drop the warm-up run's share
+        per_run[_bucket(e["args"]["op_name"])] += e["dur"]
+    total = sum(per_run.values()) or 1
+    return {k: v / total for k, v in per_run.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only")
+    parser.add_argument("--big", type=pathlib.Path, default=BIG)
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--no-openvino", action="store_true")
+    parser.add_argument("--targets", default=",".join(t for t in TARGETS if t not in NOT_ON_CPU))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    targets = args.targets.split(",")
+    try:
+        import openvino  # noqa: F401
+        with_ov = not args.no_openvino
+    except ImportError:
+        with_ov = False
+    print(f"machine: {machine()}; repeats {args.repeats}, alternated; OpenVINO at f32\n")
+    header = "| model | " + " | ".join(f"ort `{t}`" for t in targets)
+    if with_ov:
+        header += " | OV `portable` | OV `openvino` | OV orig ms"
+    print(header + " | ort orig ms | max err vs orig |")
+    print("|" + "---|" * (header.count("|") + 2))
+    profiles = {}
+    for path in _models(args.big, args.only):
+        model = onnx.load(path)
+        inputs = _inputs(path, model)
+        forms = {"original": model}
+        for target in targets:
+            forms[target] = fuse(model, target=target)[0]
+        sessions = {name: session(m) for name, m in forms.items()}
+        feeds = {name: {i.name: x for i, x in zip(s.get_inputs(), inputs)} for name, s in sessions.items()}
+        reference = sessions["original"].run(None, feeds["original"])
+        err = 0.0
+        for name, s in sessions.items():
+            outs = s.run(None, feeds[name])
+            err = max(err, max(float(np.abs(a.astype(np.float64) - b).max()) for a, b in zip(outs, reference)))
+        runners = {name: (lambda s=s, f=feeds[name]: s.run(None, f)) for name, s in sessions.items()}
+        ms = time_alternated(runners, args.repeats)
+        row = f"| {path.stem} | " + " | ".join(f"{ms[t] / ms['original']:.3f}" for t in targets)
+        if with_ov:
+            ov_forms = {k: forms[k] for k in ("original", "portable", "openvino") if k in forms}
+            ov_runs = {k: _ov_runner(m, inputs) for k, m in ov_forms.items()}
+            ov_ms = time_alternated({k: r[0] for k, r in ov_runs.items()}, args.repeats)
+            row += " | " + " | ".join(
+                f"{ov_ms[k] / ov_ms['original']:.3f}" if k in ov_ms else "n/a" for k in ("portable", "openvino")
+            ) + f" | {ov_ms['original']:.1f}"
+        print(row + f" | {ms['original']:.1f} | {err:.1e} |", flush=True)
+        if args.profile:
+            profiles[path.stem] = {name: _profile(m, inputs) for name, m in forms.items() if name in ("original", "function", "ort", "onnx")}
+        del sessions, runners, forms
+    for stem, by_form in profiles.items():
+        print(f"\nonnxruntime profile of {stem} (share of node time):\n")
+        buckets = sorted({b for shares in by_form.values() for b in shares})
+        print("| form | " + " | ".join(buckets) + " |")
+        print("|" + "---|" * (len(buckets) + 1))
+        for name, shares in by_form.items():
+            print(f"| {name} | " + " | ".join(f"{100 * shares.get(b, 0):.1f}%" for b in buckets) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

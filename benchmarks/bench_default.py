@@ -11,9 +11,9 @@ faster and far less precise: every OpenVINO figure here is f32).
 
     python benchmarks/bench_default.py [--only SUBSTRING] [--repeats N] [--profile] [--no-openvino]
 
-``--profile`` adds, per form, the share of onnxruntime's per-node time held by: the
-GroupNormalization arithmetic (our op's body and the exporter subgraph ops), layout
-Transposes, NCHWc ReorderInput/ReorderOutput, Conv, and the rest.
+``--profile`` adds, per form (original, ``function``, ``ort``, ``onnx``), the share of
+onnxruntime's per-node time held by each op type (Conv forms grouped, NCHWc
+ReorderInput/ReorderOutput grouped).
 """
 
 from __future__ import annotations
@@ -91,22 +91,13 @@ def _ov_runner(model: onnx.ModelProto, inputs):
     return lambda: request.infer(list(inputs)), lambda: [np.asarray(request.infer(list(inputs))[o]) for o in compiled.outputs]
 
 
-_GN_OPS = {
-    "GroupNormalization", "InstanceNormalization", "BatchNormalization", "ReduceMean", "ReduceSum", "ReduceSumSquare",
-    "Sub", "Sqrt", "Reciprocal", "Div", "Pow", "Neg", "Tile", "Expand", "Slice", "Reshape", "MatMul",
-}
-
-
 def _bucket(op: str) -> str:
+    """onnxruntime's kernel name -> the op type it runs (NCHWc reorders and Conv forms grouped)."""
     if op in ("ReorderInput", "ReorderOutput"):
         return "NCHWc reorders"
-    if op == "Transpose":
-        return "Transpose"
     if op in ("Conv", "FusedConv", "NchwcConv"):
         return "Conv"
-    if op in _GN_OPS:
-        return "GN arithmetic"
-    return "other (Mul/Add/Sigmoid/Resize/...)"
+    return op
 
 
 def _profile(model: onnx.ModelProto, inputs, runs: int = 3) -> dict[str, float]:
@@ -133,19 +124,20 @@ def _profile(model: onnx.ModelProto, inputs, runs: int = 3) -> dict[str, float]:
     return {k: v / total for k, v in per_run.items()}
 
 
-def _time_ort(forms: dict[str, bytes], inputs, targets, repeats) -> tuple[str, float]:
-    """The onnxruntime part of a row (ratios, original ms) and the worst |error| vs the original."""
-    sessions = {name: session(onnx.ModelProto.FromString(m)) for name, m in forms.items()}
-    feeds = {name: {i.name: x for i, x in zip(s.get_inputs(), inputs)} for name, s in sessions.items()}
-    reference = sessions["original"].run(None, feeds["original"])
-    err = 0.0
-    for name, s in sessions.items():
-        outs = s.run(None, feeds[name])
-        err = max(err, max(float(np.abs(a.astype(np.float64) - b).max()) for a, b in zip(outs, reference)))
-    runners = {name: (lambda s=s, f=feeds[name]: s.run(None, f)) for name, s in sessions.items()}
-    ms = time_alternated(runners, repeats)
-    row = " | ".join(f"{ms[t] / ms['original']:.3f}" for t in targets) + f" | {ms['original']:.1f}"
-    return row, err
+def _ort_pair(original, form: bytes, inputs, repeats: int) -> tuple[float, float]:
+    """(ratio form / original, max |error| vs the original), the two sessions alternated."""
+    fused = session(onnx.ModelProto.FromString(form))
+    feeds = [{i.name: x for i, x in zip(s.get_inputs(), inputs)} for s in (original, fused)]
+    reference = original.run(None, feeds[0])
+    err = max(float(np.abs(a.astype(np.float64) - b).max()) for a, b in zip(fused.run(None, feeds[1]), reference))
+    ms = time_alternated({"original": lambda: original.run(None, feeds[0]), "form": lambda: fused.run(None, feeds[1])}, repeats)
+    return ms["form"] / ms["original"], err
+
+
+def _ov_pair(original, form: bytes, inputs, repeats: int) -> float:
+    run = _ov_runner(onnx.ModelProto.FromString(form), inputs)[0]
+    ms = time_alternated({"original": original, "form": run}, repeats)
+    return ms["form"] / ms["original"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -159,48 +151,55 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     targets = args.targets.split(",")
+    ov_targets = [t for t in ("portable", "openvino") if t in targets]
     try:
         import openvino  # noqa: F401
         with_ov = not args.no_openvino
     except ImportError:
         with_ov = False
-    print(f"machine: {machine()}; repeats {args.repeats}, alternated; OpenVINO at f32\n")
+    print(f"machine: {machine()}; each form timed against the original in its own alternated pair "
+          f"({args.repeats} runs each), medians; OpenVINO at f32\n")
     header = "| model | " + " | ".join(f"ort `{t}`" for t in targets) + " | ort orig ms"
     if with_ov:
-        header += " | OV `portable` | OV `openvino` | OV orig ms"
+        header += " | " + " | ".join(f"OV `{t}`" for t in ov_targets) + " | OV orig ms"
     print(header + " | max err vs orig |")
-    print("|" + "---|" * (header.count("|") + 2))
+    print("|" + "---|" * (header.count("|") + 1))
     profiles = {}
     for path in _models(args.big, args.only):
         model = onnx.load(path)
         inputs = _inputs(path, model)
-        # Serialised forms only: a real-size model is ~200 MB per copy (peak RSS stays ~6x that).
-        forms = {"original": model.SerializeToString()}
+        original = session(model)
+        original_ms = time_alternated({"o": lambda: original.run(None, {i.name: x for i, x in zip(original.get_inputs(), inputs)})}, 3)["o"]
+        ratios, ov_ratios, err = {}, {}, 0.0
+        by_form = {"original": _profile(model, inputs)} if args.profile else {}
         for target in targets:
-            forms[target] = fuse(model, target=target)[0].SerializeToString()
-        del model
-        row, err = _time_ort(forms, inputs, targets, args.repeats)
+            # One form at a time: a real-size model is ~200 MB per copy and per session.
+            form = fuse(model, target=target)[0].SerializeToString()
+            ratios[target], e = _ort_pair(original, form, inputs, args.repeats)
+            err = max(err, e)
+            if args.profile and target in ("function", "ort", "onnx"):
+                by_form[target] = _profile(onnx.ModelProto.FromString(form), inputs)
+            if with_ov and target in ov_targets:
+                ov_original = _ov_runner(model, inputs)[0]
+                ov_ratios[target] = _ov_pair(ov_original, form, inputs, args.repeats)
+                ov_ratios["original_ms"] = time_alternated({"o": ov_original}, 3)["o"]
+                del ov_original
+            del form
+        row = " | ".join(f"{ratios[t]:.3f}" for t in targets) + f" | {original_ms:.1f}"
         if with_ov:
-            ov_forms = {k: forms[k] for k in ("original", "portable", "openvino") if k in forms}
-            ov_runs = {k: _ov_runner(onnx.ModelProto.FromString(m), inputs) for k, m in ov_forms.items()}
-            ov_ms = time_alternated({k: r[0] for k, r in ov_runs.items()}, args.repeats)
-            del ov_runs
-            row += " | " + " | ".join(
-                f"{ov_ms[k] / ov_ms['original']:.3f}" if k in ov_ms else "n/a" for k in ("portable", "openvino")
-            ) + f" | {ov_ms['original']:.1f}"
+            row += " | " + " | ".join(f"{ov_ratios[t]:.3f}" for t in ov_targets) + f" | {ov_ratios.get('original_ms', float('nan')):.1f}"
         print(f"| {path.stem} | {row} | {err:.1e} |", flush=True)
-        if args.profile:
-            profiles[path.stem] = {
-                name: _profile(onnx.ModelProto.FromString(m), inputs) for name, m in forms.items() if name in ("original", "function", "ort", "onnx")
-            }
-        del forms
+        if by_form:
+            profiles[path.stem] = by_form
+        del original, model
     for stem, by_form in profiles.items():
-        print(f"\nonnxruntime profile of {stem} (share of node time):\n")
-        buckets = sorted({b for shares in by_form.values() for b in shares})
-        print("| form | " + " | ".join(buckets) + " |")
-        print("|" + "---|" * (len(buckets) + 1))
+        print(f"\nonnxruntime profile of {stem} (share of node time, op types above 1% in some form):\n")
+        shown = sorted({b for shares in by_form.values() for b, v in shares.items() if v >= 0.01})
+        print("| form | " + " | ".join(shown) + " | rest |")
+        print("|" + "---|" * (len(shown) + 2))
         for name, shares in by_form.items():
-            print(f"| {name} | " + " | ".join(f"{100 * shares.get(b, 0):.1f}%" for b in buckets) + " |")
+            rest = 1 - sum(shares.get(b, 0) for b in shown)
+            print(f"| {name} | " + " | ".join(f"{100 * shares.get(b, 0):.1f}%" for b in shown) + f" | {100 * rest:.1f}% |")
     return 0
 
 

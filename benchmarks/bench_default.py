@@ -31,7 +31,7 @@ import numpy as np
 import onnx
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from _timing import THREADS, machine, session, time_alternated  # noqa: E402
+from _timing import THREADS, machine, random_inputs, session, time_alternated  # noqa: E402
 
 from onnx_groupnorm.rewriter import TARGETS, fuse  # noqa: E402
 from onnx_groupnorm.rewriter.targets import NOT_ON_CPU  # noqa: E402
@@ -45,7 +45,6 @@ BIG = pathlib.Path(os.environ.get("ONNX_GROUPNORM_BIGMODELS", "/work/bigmodels")
 BENCH_MODELS = pathlib.Path(__file__).resolve().parent / "models"
 #: Only layers at least this large (spatial H*W) count for the "never slower" claim.
 MIN_SPATIAL = 32 * 32
-_DTYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16}
 
 
 def _models(big: pathlib.Path, only: str | None) -> list[pathlib.Path]:
@@ -66,15 +65,7 @@ def _inputs(path: pathlib.Path, model: onnx.ModelProto) -> list[np.ndarray]:
             saved = [d[k] for k in sorted(d.files) if k.startswith("in_")]
         if saved:
             return saved
-    rng = np.random.default_rng(0)
-    initializers = {i.name for i in model.graph.initializer}
-    out = []
-    for vi in model.graph.input:
-        if vi.name in initializers:
-            continue
-        dims = [d.dim_value if d.dim_value else (1 if k == 0 else 64) for k, d in enumerate(vi.type.tensor_type.shape.dim)]
-        out.append(rng.standard_normal(dims).astype(_DTYPES[vi.type.tensor_type.elem_type]))
-    return out
+    return random_inputs(model, size=64)
 
 
 def _ov_runner(model: onnx.ModelProto, inputs):

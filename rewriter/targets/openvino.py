@@ -157,23 +157,24 @@ def lower(model: ir.Model, report: FuseReport) -> None:
     """Lift layouts (``ort``), map channels-first nodes to OpenVINO's op, inline the rest."""
     ort_cpu.lower(model, report)
     opset = portable._default_opset(model)
+    # Nodes in model-local functions are inlined below instead: onnxruntime ignores the
+    # overloads of nested calls.
+    candidates = [
+        (container, node) for container in list(graph_likes(model)) if not isinstance(container, ir.Function)
+        for node in list(container) if is_ours(node)
+    ]
     mapped = 0
-    for container in list(graph_likes(model)):
-        if isinstance(container, ir.Function):
-            continue  # nested calls ignore overloads in onnxruntime: inlined below instead
-        for node in list(container):
-            if not is_ours(node):
-                continue
-            native = _native(node)
-            if isinstance(native, str):
-                report.notes.append(f"openvino target: inlined {_label(node)} (standard ops): {native}")
-                continue
-            _replace(container, node, *native, opset, model)
-            mapped += 1
-            report.lowered.append({
-                "node": _label(node), "form": f"{DOMAIN}::{OP_TYPE} (OpenVINO's GroupNormalization), our body attached",
-                "channels": native[0], "num_groups": native[1],
-            })
+    for container, node in candidates:
+        native = _native(node)
+        if isinstance(native, str):
+            report.notes.append(f"openvino target: inlined {_label(node)} (standard ops): {native}")
+            continue
+        _replace(container, node, *native, opset, model)
+        mapped += 1
+        report.lowered.append({
+            "node": _label(node), "form": f"{DOMAIN}::{OP_TYPE} (OpenVINO's GroupNormalization), our body attached",
+            "channels": native[0], "num_groups": native[1],
+        })
     if mapped:
         model.opset_imports.setdefault(DOMAIN, _VERSION)
         model.ir_version = max(model.ir_version, _IR_VERSION)

@@ -15,7 +15,7 @@ from helpers import run_ort
 
 from onnx_groupnorm import ops
 from onnx_groupnorm.rewriter import TARGETS, fuse
-from onnx_groupnorm.rewriter.targets import NOT_ON_CPU
+from onnx_groupnorm.rewriter.targets import DEFAULT_TARGET, NOT_ON_CPU
 
 BLOCKS = (
     "keras_torch_export_ts_nhwc_r4_block_c32_g8",
@@ -76,4 +76,16 @@ def test_onnx_target_lowers_after_layout_lifting(name):
     assert not any("rank is unknown" in note for note in report.notes), report.notes
     assert not any(n.domain == ops.DOMAIN for n in fused.graph.node)
     assert sum(n.op_type == "GroupNormalization" for n in fused.graph.node) == entry["expected_group_norms"]
+    _check(fused, entry)
+
+
+@pytest.mark.parametrize("name", BLOCKS)
+def test_default_target_keeps_one_node_of_our_op_per_layer(name):
+    """The default (whatever it is) is the single-op form a reader can follow: one node of our
+    op per fused layer, with its function body, running in onnxruntime."""
+    entry = _entry(name)
+    fused, report = fuse(load(entry), target=DEFAULT_TARGET)
+    ours = [n for n in fused.graph.node if n.domain == ops.DOMAIN]
+    assert len(ours) == len(report.fused) == entry["expected_group_norms"]
+    assert {(f.domain, f.name) for f in fused.functions} == {(ops.DOMAIN, ops.OP_TYPE)}
     _check(fused, entry)

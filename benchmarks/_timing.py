@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-__all__ = ["session", "time_alternated", "machine", "copy_bandwidth", "THREADS"]
+__all__ = ["session", "time_alternated", "machine", "copy_bandwidth", "random_inputs", "THREADS"]
 
 THREADS = int(os.environ.get("BENCH_THREADS", os.cpu_count() or 1))
 
@@ -41,6 +41,24 @@ def time_alternated(runners: dict, repeats: int, warmup: int = 3) -> dict[str, f
             fn()
             samples[name].append((time.perf_counter() - t0) * 1e3)
     return {k: statistics.median(v) for k, v in samples.items()}
+
+
+_DTYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16, onnx.TensorProto.DOUBLE: np.float64}
+
+
+def random_inputs(model: onnx.ModelProto, size: int = 1) -> list[np.ndarray]:
+    """Seeded standard-normal inputs for the graph inputs: static dims as declared, a symbolic
+    batch (axis 0) of 1 and other symbolic dims of ``size``."""
+    rng = np.random.default_rng(0)
+    initializers = {i.name for i in model.graph.initializer}
+    out = []
+    for vi in model.graph.input:
+        if vi.name in initializers:
+            continue
+        t = vi.type.tensor_type
+        shape = [d.dim_value if d.HasField("dim_value") else (1 if k == 0 else size) for k, d in enumerate(t.shape.dim)]
+        out.append(rng.normal(size=shape).astype(_DTYPES.get(t.elem_type, np.float32)))
+    return out
 
 
 def copy_bandwidth(nbytes: int, repeats: int = 20) -> float:

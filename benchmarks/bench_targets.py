@@ -26,7 +26,7 @@ import numpy as np
 import onnx
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from _timing import THREADS, machine, session, time_alternated  # noqa: E402
+from _timing import THREADS, machine, random_inputs, session, time_alternated  # noqa: E402
 
 from onnx_groupnorm.rewriter import fuse  # noqa: E402
 
@@ -38,11 +38,6 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 MODELS = ROOT / "models"
 BENCH_MODELS = pathlib.Path(__file__).resolve().parent / "models"
 BLOCK_MARKERS = ("block", "resblock")
-
-_DTYPES = {
-    onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16, onnx.TensorProto.DOUBLE: np.float64,
-}
-
 
 def _cases(only: str | None) -> list[tuple[str, onnx.ModelProto, list[np.ndarray] | None]]:
     cases = []
@@ -70,19 +65,6 @@ def _cases(only: str | None) -> list[tuple[str, onnx.ModelProto, list[np.ndarray
                     inputs = [d[k] for k in sorted(d.files) if k.startswith("in_")] or None
             cases.append((path.stem, onnx.load(path), inputs))
     return cases
-
-
-def _random_inputs(model: onnx.ModelProto) -> list[np.ndarray]:
-    rng = np.random.default_rng(0)
-    inits = {i.name for i in model.graph.initializer}
-    out = []
-    for vi in model.graph.input:
-        if vi.name in inits:
-            continue
-        t = vi.type.tensor_type
-        shape = [d.dim_value if d.HasField("dim_value") else 1 for d in t.shape.dim]
-        out.append(rng.normal(size=shape).astype(_DTYPES.get(t.elem_type, np.float32)))
-    return out
 
 
 def _counts(model: onnx.ModelProto) -> tuple[int, int]:
@@ -155,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     torch_rows = []
     for name, model, inputs in _cases(args.only):
         forms, info = _forms(model)
-        feeds_list = inputs if inputs is not None else _random_inputs(model)
+        feeds_list = inputs if inputs is not None else random_inputs(model)
         sessions, outputs = {}, {}
         for form, m in forms.items():
             if isinstance(m, str):

@@ -169,206 +169,245 @@ def _np_type(dtype: int):
     return np.float64 if dtype == onnx.TensorProto.DOUBLE else np.float32
 
 
-def _build(variant: Variant, opset: int) -> onnx.FunctionProto:
-    # Python constants read by the script below: onnxscript turns `if NAME:` on an
-    # outer-scope constant into a static choice, so each variant has a straight-line body.
-    STASH = variant.dtype in _STASHED
-    COMPUTE = onnx.TensorProto.FLOAT if variant.dtype != onnx.TensorProto.DOUBLE else onnx.TensorProto.DOUBLE
-    OUT = variant.dtype
-    SCALE = variant.scale
-    CENTER = variant.center
-    AFFINE = variant.scale or variant.center
-    NO_AFFINE = not AFFINE
-    SILU = variant.silu
-    R18 = opset >= 18  # ReduceSumSquare/ReduceMean take axes as an input from opset 18
-    R13 = not R18
-    SAMPLES = _SHIFT_SAMPLES
-    op = op18 if R18 else op13
+class _Switches(NamedTuple):
+    """Python constants the scripts read: onnxscript turns ``if NAME:`` on an outer-scope
+    constant into a static choice, so each variant has a straight-line body."""
 
-    # Shapes known when the body is built (cf/cl): constants onnxruntime needs no kernel for.
+    STASH: bool  # float16/bfloat16: compute in float32 and cast back
+    COMPUTE: int  # the statistics' dtype
+    OUT: int
+    SCALE: bool
+    CENTER: bool
+    AFFINE: bool
+    NO_AFFINE: bool
+    SILU: bool
+    R18: bool  # ReduceSumSquare/ReduceMean take axes as an input from opset 18
+    R13: bool
+    op: Opset
+
+
+def _switches(variant: Variant, opset: int) -> _Switches:
+    compute = onnx.TensorProto.FLOAT if variant.dtype != onnx.TensorProto.DOUBLE else onnx.TensorProto.DOUBLE
+    r18 = opset >= 18
+    return _Switches(
+        variant.dtype in _STASHED, compute, variant.dtype, variant.scale, variant.center,
+        variant.scale or variant.center, not (variant.scale or variant.center), variant.silu,
+        r18, not r18, op18 if r18 else op13,
+    )
+
+
+# The three bodies repeat their first and last lines (the float32 stash Cast, SiLU, the Cast
+# back): an onnxscript helper function would become a nested function in every model, and
+# onnxruntime ignores overloads in nested calls (see ops.builder).
+
+
+def _cf_body(variant: Variant, opset: int):
+    """Channels-first: shift, InstanceNormalization per group, one BatchNormalization affine."""
+    STASH, COMPUTE, OUT, SCALE, CENTER, AFFINE, NO_AFFINE, SILU, R18, R13, op = _switches(variant, opset)
+    # Shapes known when the body is built: constants onnxruntime needs no kernel for.
     C, G = variant.channels, variant.groups
-    CG = C // G if G else 0
-    GROUPED = [0, G, -1]  # cf: [N, G, C/G * spatial]
-    PER_CHANNEL_CF = [0, G, CG, -1]  # cf: [N, G, C/G, spatial]
+    CG = C // G
+    GROUPED = [0, G, -1]  # [N, G, C/G * spatial]
+    PER_CHANNEL_CF = [0, G, CG, -1]  # [N, G, C/G, spatial]
     HEAD = _SHIFT_HEAD
-    PER_CHANNEL = [0] + [1] * max(variant.rank - 2, 0) + [C]  # cl: [N, 1.., C], X's layout
     ONES_G = onnx.numpy_helper.from_array(np.ones(G, np.float32), "ones_g")
     ZEROS_G = onnx.numpy_helper.from_array(np.zeros(G, np.float32), "zeros_g")
     ONES_C = onnx.numpy_helper.from_array(np.ones(C, _np_type(COMPUTE)), "ones_c")
     ZEROS_C = onnx.numpy_helper.from_array(np.zeros(C, _np_type(COMPUTE)), "zeros_c")
-    INV_CG = onnx.numpy_helper.from_array(np.array(1.0 / CG if CG else 0.0, _np_type(COMPUTE)), "inv_cg")
 
-    # The three bodies repeat their first and last lines (the float32 stash Cast, SiLU, the
-    # Cast back): an onnxscript helper function would become a nested function in every
-    # model, and onnxruntime ignores overloads in nested calls (see ops.builder).
-    if variant.layout == "cf":
 
-        @script(_CUSTOM_OPSET, default_opset=op)
-        def GroupNormalization(X, gamma, beta, groups: int, axis: int, epsilon: float):
-            if STASH:
-                x = op.Cast(X, to=COMPUTE)
-            else:
-                x = op.Identity(X)
-            x3 = op.Reshape(x, op.Constant(value_ints=GROUPED))
-            # A shift near each group's mean: the mean of the first HEAD elements of every
-            # channel of the group (contiguous, cheap; a strided Slice costs a full pass in
-            # onnxruntime). With it subtracted the statistics see small deviations: a
-            # corrected two-pass, accurate whatever the shift as long as it is within a few
-            # standard deviations of the mean.
-            head = op.Slice(op.Reshape(x, op.Constant(value_ints=PER_CHANNEL_CF)), op.Constant(value_ints=[0]), op.Constant(value_ints=[HEAD]), op.Constant(value_ints=[3]))
-            if R18:
-                m = op.Reshape(op.ReduceMean(head, op.Constant(value_ints=[2, 3]), keepdims=1), op.Constant(value_ints=[0, G, 1]))
-            if R13:
-                m = op.Reshape(op.ReduceMean(head, axes=[2, 3], keepdims=1), op.Constant(value_ints=[0, G, 1]))
-            d = op.Sub(x3, m)
-            n = op.Reshape(op.InstanceNormalization(d, op.Constant(value=ONES_G), op.Constant(value=ZEROS_G), epsilon=epsilon), op.Shape(X))
-            if AFFINE:
-                ones_c = op.Constant(value=ONES_C)
-                zeros_c = op.Constant(value=ZEROS_C)
-                if SCALE:
-                    gam = op.Cast(gamma, to=COMPUTE)
-                else:
-                    gam = op.Identity(ones_c)
-                if CENTER:
-                    bet = op.Cast(beta, to=COMPUTE)
-                else:
-                    bet = op.Identity(zeros_c)
-                # Per-channel affine in one pass: (n - 0) / sqrt(1 + 0) * gam + bet.
-                y = op.BatchNormalization(n, gam, bet, zeros_c, ones_c, epsilon=0.0)
-            if NO_AFFINE:
-                y = op.Identity(n)
-            if SILU:
-                y = op.Mul(y, op.Sigmoid(y))
-            if STASH:
-                Y = op.Cast(y, to=OUT)
-            else:
-                Y = op.Identity(y)
-            return Y
-
-    elif variant.layout == "cl":
-
-        @script(_CUSTOM_OPSET, default_opset=op)
-        def GroupNormalization(X, gamma, beta, groups: int, axis: int, epsilon: float):
-            if STASH:
-                x = op.Cast(X, to=COMPUTE)
-            else:
-                x = op.Identity(X)
-            # Channel -> group matrices, folded to constants by the runtime: expand[g, c] = 1
-            # where channel c is in group g; average = expand^T / (C/G).
-            eye = op.EyeLike(op.Cast(op.ConstantOfShape(op.Constant(value_ints=[G, G])), to=COMPUTE))
-            expand = op.Reshape(op.Expand(op.Unsqueeze(eye, op.Constant(value_ints=[2])), op.Constant(value_ints=[G, G, CG])), op.Constant(value_ints=[G, C]))
-            average = op.Mul(op.Transpose(expand, perm=[1, 0]), op.Constant(value=INV_CG))
-            # [1, H] filled with 1/(spatial size): ``weights @ t`` sums the first spatial axis
-            # with one GEMM pass (onnxruntime's reductions over it are slow).
-            shape = op.Shape(X)
-            first = op.Slice(shape, op.Constant(value_ints=[1]), op.Constant(value_ints=[2]))
-            spatial = op.ReduceProd(op.Slice(shape, op.Constant(value_ints=[1]), op.Constant(value_ints=[-1])), keepdims=1)
-            weights = op.Expand(op.Reciprocal(op.Cast(spatial, to=COMPUTE)), op.Concat(op.Constant(value_ints=[1]), first, axis=0))
-            rows = op.Constant(value_ints=[0, 0, -1])
-            columns = op.Constant(value_ints=[0, -1, C])
-            per_channel = op.Constant(value_ints=PER_CHANNEL)
-            one = op.Constant(value_ints=[1])
-            # group_mean(t) = ReduceSum(MatMul(Reshape(MatMul(weights, t as [N, H, rest*C]),
-            # [N, rest, C]), average), over rest): [N, 1, G]. Written out three times below
-            # because onnxscript functions cannot nest closures.
-            m = op.ReduceSum(op.MatMul(op.Reshape(op.MatMul(weights, op.Reshape(x, rows)), columns), average), one, keepdims=1)
-            # Subtract a first mean, then take the statistics of the small deviations: a
-            # corrected two-pass, accurate even when |mean| >> std.
-            d = op.Sub(x, op.Reshape(op.MatMul(m, expand), per_channel))
-            mean_d = op.ReduceSum(op.MatMul(op.Reshape(op.MatMul(weights, op.Reshape(d, rows)), columns), average), one, keepdims=1)
-            mean_sq = op.ReduceSum(op.MatMul(op.Reshape(op.MatMul(weights, op.Reshape(op.Mul(d, d), rows)), columns), average), one, keepdims=1)
-            var = op.Sub(mean_sq, op.Mul(mean_d, mean_d))
-            eps = op.Cast(op.Constant(value_float=epsilon), to=COMPUTE)
-            inv = op.MatMul(op.Reciprocal(op.Sqrt(op.Add(var, eps))), expand)  # [N, 1, C]
+    @script(_CUSTOM_OPSET, default_opset=op)
+    def GroupNormalization(X, gamma, beta, groups: int, axis: int, epsilon: float):
+        if STASH:
+            x = op.Cast(X, to=COMPUTE)
+        else:
+            x = op.Identity(X)
+        x3 = op.Reshape(x, op.Constant(value_ints=GROUPED))
+        # A shift near each group's mean: the mean of the first HEAD elements of every
+        # channel of the group (contiguous, cheap; a strided Slice costs a full pass in
+        # onnxruntime). With it subtracted the statistics see small deviations: a
+        # corrected two-pass, accurate whatever the shift as long as it is within a few
+        # standard deviations of the mean.
+        head = op.Slice(op.Reshape(x, op.Constant(value_ints=PER_CHANNEL_CF)), op.Constant(value_ints=[0]), op.Constant(value_ints=[HEAD]), op.Constant(value_ints=[3]))
+        if R18:
+            m = op.Reshape(op.ReduceMean(head, op.Constant(value_ints=[2, 3]), keepdims=1), op.Constant(value_ints=[0, G, 1]))
+        if R13:
+            m = op.Reshape(op.ReduceMean(head, axes=[2, 3], keepdims=1), op.Constant(value_ints=[0, G, 1]))
+        d = op.Sub(x3, m)
+        n = op.Reshape(op.InstanceNormalization(d, op.Constant(value=ONES_G), op.Constant(value=ZEROS_G), epsilon=epsilon), op.Shape(X))
+        if AFFINE:
+            ones_c = op.Constant(value=ONES_C)
+            zeros_c = op.Constant(value=ZEROS_C)
             if SCALE:
-                a = op.Mul(inv, op.Cast(gamma, to=COMPUTE))
+                gam = op.Cast(gamma, to=COMPUTE)
             else:
-                a = op.Identity(inv)
-            shift = op.Mul(op.MatMul(mean_d, expand), a)
+                gam = op.Identity(ones_c)
             if CENTER:
-                b = op.Sub(op.Cast(beta, to=COMPUTE), shift)
+                bet = op.Cast(beta, to=COMPUTE)
             else:
-                b = op.Neg(shift)
-            # Per-(sample, channel) scale and shift in X's own layout [N, 1.., C]: a row
-            # broadcast, and no copying Reshape at the end.
-            y = op.Add(op.Mul(d, op.Reshape(a, per_channel)), op.Reshape(b, per_channel))
-            if SILU:
-                y = op.Mul(y, op.Sigmoid(y))
-            if STASH:
-                Y = op.Cast(y, to=OUT)
-            else:
-                Y = op.Identity(y)
-            return Y
+                bet = op.Identity(zeros_c)
+            # Per-channel affine in one pass: (n - 0) / sqrt(1 + 0) * gam + bet.
+            y = op.BatchNormalization(n, gam, bet, zeros_c, ones_c, epsilon=0.0)
+        if NO_AFFINE:
+            y = op.Identity(n)
+        if SILU:
+            y = op.Mul(y, op.Sigmoid(y))
+        if STASH:
+            Y = op.Cast(y, to=OUT)
+        else:
+            Y = op.Identity(y)
+        return Y
 
-    else:
+    return GroupNormalization
 
-        @script(_CUSTOM_OPSET, default_opset=op)
-        def GroupNormalization(X, gamma, beta, groups: int, axis: int, epsilon: float):
-            if STASH:
-                x = op.Cast(X, to=COMPUTE)
-            else:
-                x = op.Identity(X)
-            shape = op.Shape(X)
-            rank = op.Shape(shape)
-            ax = op.Unsqueeze(op.Constant(value_int=axis), op.Constant(value_ints=[0]))
-            ax = op.Where(op.Less(ax, op.Constant(value_ints=[0])), op.Add(ax, rank), ax)
-            channels = op.Gather(shape, ax)
-            g1 = op.Unsqueeze(op.Constant(value_int=groups), op.Constant(value_ints=[0]))
-            num_groups = op.Where(op.Less(g1, op.Constant(value_ints=[1])), channels, g1)
-            per_group = op.Div(channels, num_groups)
-            one = op.Constant(value_ints=[1])
-            before = op.ReduceProd(op.Concat(one, op.Slice(shape, one, ax), axis=0), keepdims=1)
-            after = op.ReduceProd(op.Concat(one, op.Slice(shape, op.Add(ax, one), rank), axis=0), keepdims=1)
-            batch = op.Slice(shape, op.Constant(value_ints=[0]), one)
-            view = op.Concat(batch, before, num_groups, per_group, after, axis=0)
-            x5 = op.Reshape(x, view)
-            count = op.Cast(op.Mul(op.Mul(before, per_group), after), to=COMPUTE)
-            inner = op.Constant(value_ints=[3, 4])
-            # Per-(sample, channel) values are broadcast in X's own layout, [N, 1.., C, 1..]:
-            # a row broadcast is fast in onnxruntime, [N, 1, G, 1, 1] against [N, A, G, C/G, B]
-            # is not, and computing in X's shape spares a copying Reshape at the end.
-            ones = op.ConstantOfShape(rank, value=onnx.helper.make_tensor("one", onnx.TensorProto.INT64, [1], [1]))
-            param_shape = op.Concat(batch, op.Slice(ones, one, ax), channels, op.Slice(ones, op.Add(ax, one), rank), axis=0)
-            per_channel = op.Concat(batch, one, num_groups, per_group, one, axis=0)
-            # A shift near each group's mean from an evenly strided sample of the A axis
-            # (cheap), as in the cf body; then the statistics of the deviations.
-            rows = op.Max(op.Div(before, op.Constant(value_ints=[SAMPLES])), one)
-            sample = op.Slice(x5, op.Constant(value_ints=[0]), before, one, rows)
-            sample_count = op.Cast(op.ReduceProd(op.Gather(op.Shape(sample), op.Constant(value_ints=[1, 3, 4])), keepdims=1), to=COMPUTE)
-            m5 = op.Div(op.ReduceSum(op.ReduceSum(sample, inner, keepdims=1), one, keepdims=1), sample_count)
-            # Reduce [3, 4] then [1]: two fast reduce kernels instead of one slow strided one.
-            d = op.Sub(x, op.Reshape(op.Expand(m5, per_channel), param_shape))
-            d5 = op.Reshape(d, view)
-            s1 = op.ReduceSum(op.ReduceSum(d5, inner, keepdims=1), one, keepdims=1)
-            if R18:
-                sq = op.ReduceSumSquare(d5, inner, keepdims=1)
-            if R13:
-                sq = op.ReduceSumSquare(d5, axes=[3, 4], keepdims=1)
-            s2 = op.ReduceSum(sq, one, keepdims=1)
-            md = op.Div(s1, count)
-            var = op.Sub(op.Div(s2, count), op.Mul(md, md))
-            eps = op.Cast(op.Constant(value_float=epsilon), to=COMPUTE)
-            inv = op.Reciprocal(op.Sqrt(op.Add(var, eps)))
-            affine_shape = op.Concat(op.Constant(value_ints=[1, 1]), num_groups, per_group, one, axis=0)
-            if SCALE:
-                a5 = op.Mul(inv, op.Reshape(op.Cast(gamma, to=COMPUTE), affine_shape))
-            else:
-                a5 = op.Identity(inv)
-            if CENTER:
-                b5 = op.Sub(op.Reshape(op.Cast(beta, to=COMPUTE), affine_shape), op.Mul(md, a5))
-            else:
-                b5 = op.Neg(op.Mul(md, a5))
-            a = op.Reshape(op.Expand(a5, per_channel), param_shape)
-            b = op.Reshape(op.Expand(b5, per_channel), param_shape)
-            y = op.Add(op.Mul(d, a), b)
-            if SILU:
-                y = op.Mul(y, op.Sigmoid(y))
-            if STASH:
-                Y = op.Cast(y, to=OUT)
-            else:
-                Y = op.Identity(y)
-            return Y
 
+def _cl_body(variant: Variant, opset: int):
+    """Channels-last: group statistics with MatMuls against channel->group matrices."""
+    STASH, COMPUTE, OUT, SCALE, CENTER, AFFINE, NO_AFFINE, SILU, R18, R13, op = _switches(variant, opset)
+    C, G = variant.channels, variant.groups
+    CG = C // G
+    PER_CHANNEL = [0] + [1] * max(variant.rank - 2, 0) + [C]  # [N, 1.., C], X's layout
+    INV_CG = onnx.numpy_helper.from_array(np.array(1.0 / CG, _np_type(COMPUTE)), "inv_cg")
+
+
+    @script(_CUSTOM_OPSET, default_opset=op)
+    def GroupNormalization(X, gamma, beta, groups: int, axis: int, epsilon: float):
+        if STASH:
+            x = op.Cast(X, to=COMPUTE)
+        else:
+            x = op.Identity(X)
+        # Channel -> group matrices, folded to constants by the runtime: expand[g, c] = 1
+        # where channel c is in group g; average = expand^T / (C/G).
+        eye = op.EyeLike(op.Cast(op.ConstantOfShape(op.Constant(value_ints=[G, G])), to=COMPUTE))
+        expand = op.Reshape(op.Expand(op.Unsqueeze(eye, op.Constant(value_ints=[2])), op.Constant(value_ints=[G, G, CG])), op.Constant(value_ints=[G, C]))
+        average = op.Mul(op.Transpose(expand, perm=[1, 0]), op.Constant(value=INV_CG))
+        # [1, H] filled with 1/(spatial size): ``weights @ t`` sums the first spatial axis
+        # with one GEMM pass (onnxruntime's reductions over it are slow).
+        shape = op.Shape(X)
+        first = op.Slice(shape, op.Constant(value_ints=[1]), op.Constant(value_ints=[2]))
+        spatial = op.ReduceProd(op.Slice(shape, op.Constant(value_ints=[1]), op.Constant(value_ints=[-1])), keepdims=1)
+        weights = op.Expand(op.Reciprocal(op.Cast(spatial, to=COMPUTE)), op.Concat(op.Constant(value_ints=[1]), first, axis=0))
+        rows = op.Constant(value_ints=[0, 0, -1])
+        columns = op.Constant(value_ints=[0, -1, C])
+        per_channel = op.Constant(value_ints=PER_CHANNEL)
+        one = op.Constant(value_ints=[1])
+        # group_mean(t) = ReduceSum(MatMul(Reshape(MatMul(weights, t as [N, H, rest*C]),
+        # [N, rest, C]), average), over rest): [N, 1, G]. Written out three times below
+        # because onnxscript functions cannot nest closures.
+        m = op.ReduceSum(op.MatMul(op.Reshape(op.MatMul(weights, op.Reshape(x, rows)), columns), average), one, keepdims=1)
+        # Subtract a first mean, then take the statistics of the small deviations: a
+        # corrected two-pass, accurate even when |mean| >> std.
+        d = op.Sub(x, op.Reshape(op.MatMul(m, expand), per_channel))
+        mean_d = op.ReduceSum(op.MatMul(op.Reshape(op.MatMul(weights, op.Reshape(d, rows)), columns), average), one, keepdims=1)
+        mean_sq = op.ReduceSum(op.MatMul(op.Reshape(op.MatMul(weights, op.Reshape(op.Mul(d, d), rows)), columns), average), one, keepdims=1)
+        var = op.Sub(mean_sq, op.Mul(mean_d, mean_d))
+        eps = op.Cast(op.Constant(value_float=epsilon), to=COMPUTE)
+        inv = op.MatMul(op.Reciprocal(op.Sqrt(op.Add(var, eps))), expand)  # [N, 1, C]
+        if SCALE:
+            a = op.Mul(inv, op.Cast(gamma, to=COMPUTE))
+        else:
+            a = op.Identity(inv)
+        shift = op.Mul(op.MatMul(mean_d, expand), a)
+        if CENTER:
+            b = op.Sub(op.Cast(beta, to=COMPUTE), shift)
+        else:
+            b = op.Neg(shift)
+        # Per-(sample, channel) scale and shift in X's own layout [N, 1.., C]: a row
+        # broadcast, and no copying Reshape at the end.
+        y = op.Add(op.Mul(d, op.Reshape(a, per_channel)), op.Reshape(b, per_channel))
+        if SILU:
+            y = op.Mul(y, op.Sigmoid(y))
+        if STASH:
+            Y = op.Cast(y, to=OUT)
+        else:
+            Y = op.Identity(y)
+        return Y
+
+    return GroupNormalization
+
+
+def _nd_body(variant: Variant, opset: int):
+    """Channel axis in the middle: shapes computed at run time, reduce [3, 4] then [1]."""
+    STASH, COMPUTE, OUT, SCALE, CENTER, AFFINE, NO_AFFINE, SILU, R18, R13, op = _switches(variant, opset)
+    SAMPLES = _SHIFT_SAMPLES
+
+
+    @script(_CUSTOM_OPSET, default_opset=op)
+    def GroupNormalization(X, gamma, beta, groups: int, axis: int, epsilon: float):
+        if STASH:
+            x = op.Cast(X, to=COMPUTE)
+        else:
+            x = op.Identity(X)
+        shape = op.Shape(X)
+        rank = op.Shape(shape)
+        ax = op.Unsqueeze(op.Constant(value_int=axis), op.Constant(value_ints=[0]))
+        ax = op.Where(op.Less(ax, op.Constant(value_ints=[0])), op.Add(ax, rank), ax)
+        channels = op.Gather(shape, ax)
+        g1 = op.Unsqueeze(op.Constant(value_int=groups), op.Constant(value_ints=[0]))
+        num_groups = op.Where(op.Less(g1, op.Constant(value_ints=[1])), channels, g1)
+        per_group = op.Div(channels, num_groups)
+        one = op.Constant(value_ints=[1])
+        before = op.ReduceProd(op.Concat(one, op.Slice(shape, one, ax), axis=0), keepdims=1)
+        after = op.ReduceProd(op.Concat(one, op.Slice(shape, op.Add(ax, one), rank), axis=0), keepdims=1)
+        batch = op.Slice(shape, op.Constant(value_ints=[0]), one)
+        view = op.Concat(batch, before, num_groups, per_group, after, axis=0)
+        x5 = op.Reshape(x, view)
+        count = op.Cast(op.Mul(op.Mul(before, per_group), after), to=COMPUTE)
+        inner = op.Constant(value_ints=[3, 4])
+        # Per-(sample, channel) values are broadcast in X's own layout, [N, 1.., C, 1..]:
+        # a row broadcast is fast in onnxruntime, [N, 1, G, 1, 1] against [N, A, G, C/G, B]
+        # is not, and computing in X's shape spares a copying Reshape at the end.
+        ones = op.ConstantOfShape(rank, value=onnx.helper.make_tensor("one", onnx.TensorProto.INT64, [1], [1]))
+        param_shape = op.Concat(batch, op.Slice(ones, one, ax), channels, op.Slice(ones, op.Add(ax, one), rank), axis=0)
+        per_channel = op.Concat(batch, one, num_groups, per_group, one, axis=0)
+        # A shift near each group's mean from an evenly strided sample of the A axis
+        # (cheap), as in the cf body; then the statistics of the deviations.
+        rows = op.Max(op.Div(before, op.Constant(value_ints=[SAMPLES])), one)
+        sample = op.Slice(x5, op.Constant(value_ints=[0]), before, one, rows)
+        sample_count = op.Cast(op.ReduceProd(op.Gather(op.Shape(sample), op.Constant(value_ints=[1, 3, 4])), keepdims=1), to=COMPUTE)
+        m5 = op.Div(op.ReduceSum(op.ReduceSum(sample, inner, keepdims=1), one, keepdims=1), sample_count)
+        # Reduce [3, 4] then [1]: two fast reduce kernels instead of one slow strided one.
+        d = op.Sub(x, op.Reshape(op.Expand(m5, per_channel), param_shape))
+        d5 = op.Reshape(d, view)
+        s1 = op.ReduceSum(op.ReduceSum(d5, inner, keepdims=1), one, keepdims=1)
+        if R18:
+            sq = op.ReduceSumSquare(d5, inner, keepdims=1)
+        if R13:
+            sq = op.ReduceSumSquare(d5, axes=[3, 4], keepdims=1)
+        s2 = op.ReduceSum(sq, one, keepdims=1)
+        md = op.Div(s1, count)
+        var = op.Sub(op.Div(s2, count), op.Mul(md, md))
+        eps = op.Cast(op.Constant(value_float=epsilon), to=COMPUTE)
+        inv = op.Reciprocal(op.Sqrt(op.Add(var, eps)))
+        affine_shape = op.Concat(op.Constant(value_ints=[1, 1]), num_groups, per_group, one, axis=0)
+        if SCALE:
+            a5 = op.Mul(inv, op.Reshape(op.Cast(gamma, to=COMPUTE), affine_shape))
+        else:
+            a5 = op.Identity(inv)
+        if CENTER:
+            b5 = op.Sub(op.Reshape(op.Cast(beta, to=COMPUTE), affine_shape), op.Mul(md, a5))
+        else:
+            b5 = op.Neg(op.Mul(md, a5))
+        a = op.Reshape(op.Expand(a5, per_channel), param_shape)
+        b = op.Reshape(op.Expand(b5, per_channel), param_shape)
+        y = op.Add(op.Mul(d, a), b)
+        if SILU:
+            y = op.Mul(y, op.Sigmoid(y))
+        if STASH:
+            Y = op.Cast(y, to=OUT)
+        else:
+            Y = op.Identity(y)
+        return Y
+
+    return GroupNormalization
+
+
+_BODIES = {"cf": _cf_body, "cl": _cl_body, "nd": _nd_body}
+
+
+def _build(variant: Variant, opset: int) -> onnx.FunctionProto:
+    """The FunctionProto of ``variant``: its script, the contract's attributes and imports."""
+    GroupNormalization = _BODIES[variant.layout](variant, opset)
     proto = GroupNormalization.to_function_proto()
     proto.overload = variant.overload
     # Attributes with the contract's defaults, so a node may omit any of them.

@@ -33,10 +33,13 @@ def pytest_addoption(parser):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests marked ``slow`` are skipped unless --run-slow is given."""
-    if config.getoption("--run-slow"):
+    """``slow`` tests run only when asked for: --run-slow, ``-m slow`` (or any -m naming it),
+    or ONNX_GROUPNORM_SLOW=1; the default run stays fast."""
+    import os
+
+    if config.getoption("--run-slow") or "slow" in (config.getoption("-m") or "") or os.environ.get("ONNX_GROUPNORM_SLOW") == "1":
         return
-    skip = pytest.mark.skip(reason="slow: run with --run-slow")
+    skip = pytest.mark.skip(reason="slow: run with --run-slow, -m slow or ONNX_GROUPNORM_SLOW=1")
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)

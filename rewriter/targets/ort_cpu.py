@@ -409,48 +409,95 @@ def _set_output(container, old: ir.Value, new: ir.Value) -> None:
             container.outputs[k] = new
 
 
-def _rewrite(container, region: _Region) -> None:
-    rank, to_last, to_first = region.rank, _to_last(region.rank), _to_first(region.rank)
-    new_of: dict[ir.Value, ir.Value] = {}  # old (NHWC) region value -> new (NCHW) value
+def _channels_first_shape(old_out: ir.Value, new: ir.Node, rank: int) -> ir.Shape | None:
+    """The shape of a region node's channels-first output: the old one permuted, or (our op's
+    outputs carry none: onnx cannot infer through a custom op) its data input's, so that a
+    later lowering (the ``onnx`` target) knows the rank of every tensor this move created."""
+    if old_out.shape is not None and len(old_out.shape) == rank:
+        return ir.Shape([old_out.shape[k] for k in _to_first(rank)])
+    if is_ours(new) or _std(new, _UNARY):
+        source = new.inputs[0]
+        return ir.Shape(list(source.shape)) if source is not None and source.shape is not None else None
+    full = [v.shape for v in new.inputs if v is not None and v.shape is not None and len(v.shape) == rank]
+    if len(full) == len([v for v in new.inputs if v is not None and _const(v) is None]) and full:
+        # Elementwise broadcast of rank-r operands: a static dim > 1 wins, else the first's.
+        dims = []
+        for k in range(rank):
+            column = [s[k] for s in full]
+            static = [d for d in column if isinstance(d, int) and d != 1]
+            dims.append(static[0] if static else column[0])
+        return ir.Shape(dims)
+    return None
+
+
+def _back_to_last(container, old_out: ir.Value, new_out: ir.Value, to_last: list[int], backs: dict) -> ir.Value:
+    """``Transpose(new_out, perm=to_last)``, typed as ``old_out``: inserted after its producer
+    once per value (``backs`` remembers it)."""
+    if new_out in backs:
+        return backs[new_out]
+    producer_new = new_out.producer()
+    t = _transpose(new_out, to_last, f"{_label(producer_new)}_to_nhwc")
+    container.insert_after(producer_new, t)
+    back = t.outputs[0]
+    back.type = old_out.type
+    back.shape = old_out.shape
+    backs[new_out] = back
+    return back
+
+
+def _channels_first_input(container, region: _Region, node: ir.Node, i: int, new_of: dict, inserted_in: dict) -> ir.Value | None:
+    """The channels-first value for data input ``i`` of region node ``node`` (None: keep it,
+    a scalar constant): a region value's copy, an entry Transpose's source, a re-laid-out
+    constant, or an inserted ``Transpose(perm=to_first)`` (one per outside value)."""
+    value = node.inputs[i]
+    if value in new_of:
+        return new_of[value]
+    kind = region.entries.get((node, i))
+    if kind == "transpose":
+        return value.producer().inputs[0]
+    if kind == "const":
+        array = _const(value)
+        if array.ndim == 0:
+            return None
+        # Left-pad to rank r and transpose: a [C] constant becomes [1, C, 1, ..] (broadcasts on NCHW).
+        array = array.reshape((1,) * (region.rank - array.ndim) + array.shape).transpose(_to_first(region.rank))
+        return _new_const(container, array, (value.name or "const") + "_nchw", node)
+    if kind == "insert":
+        if value not in inserted_in:
+            t = _transpose(value, _to_first(region.rank), f"{_label(node)}_to_nchw_{i}")
+            container.insert_before(node, t)
+            inserted_in[value] = t.outputs[0]
+        return inserted_in[value]
+    raise AssertionError(f"unplanned input {i} of {_label(node)}")  # pragma: no cover
+
+
+def _channels_first_attributes(node: ir.Node, rank: int) -> tuple[list, str]:
+    """(attributes, overload) of the copy: our op gets ``axis=1`` and the cf body."""
+    if not is_ours(node):
+        return list(node.attributes.values()), node.overload
+    attrs = dict(node.attributes.items())
+    attrs["axis"] = ir.AttrInt64("axis", 1)
+    x = node.inputs[0]
+    scale = len(node.inputs) > 1 and node.inputs[1] is not None
+    center = len(node.inputs) > 2 and node.inputs[2] is not None
+    activation = attrs["activation"].as_int() if "activation" in attrs else contract.ACTIVATION_NONE
+    channels, groups = _channels_and_groups(node)
+    variant = variant_for(rank, 1, int(x.dtype), scale, center, activation, channels=channels, groups=groups)
+    return list(attrs.values()), variant.overload
+
+
+def _copy_region(container, region: _Region) -> dict[ir.Value, ir.Value]:
+    """Step 1: a channels-first copy of every region node, inserted before it; returns the
+    map old (channels-last) value -> new (channels-first) value."""
+    new_of: dict[ir.Value, ir.Value] = {}
     inserted_in: dict[ir.Value, ir.Value] = {}
     for node in region.nodes:
         inputs = list(node.inputs)
         for i in _data_inputs(node):
-            value = inputs[i]
-            if value in new_of:
-                inputs[i] = new_of[value]
-                continue
-            kind = region.entries.get((node, i))
-            if kind == "transpose":
-                inputs[i] = value.producer().inputs[0]
-            elif kind == "const":
-                array = _const(value)
-                if array.ndim == 0:
-                    continue
-                array = array.reshape((1,) * (rank - array.ndim) + array.shape).transpose(to_first)
-                if array.ndim == rank and all(d == 1 for k, d in enumerate(array.shape) if k != 1):
-                    pass  # a per-channel [1, C, 1, ..] constant: broadcasts on NCHW
-                inputs[i] = _new_const(container, array, (value.name or "const") + "_nchw", node)
-            elif kind == "insert":
-                if value not in inserted_in:
-                    t = _transpose(value, to_first, f"{_label(node)}_to_nchw_{i}")
-                    container.insert_before(node, t)
-                    inserted_in[value] = t.outputs[0]
-                inputs[i] = inserted_in[value]
-            else:  # pragma: no cover - every data input is internal or an entry
-                raise AssertionError(f"unplanned input {i} of {_label(node)}")
-        attributes = list(node.attributes.values())
-        overload = node.overload
-        if is_ours(node):
-            attrs = {k: v for k, v in node.attributes.items()}
-            attrs["axis"] = ir.AttrInt64("axis", 1)
-            attributes = list(attrs.values())
-            x = node.inputs[0]
-            scale = len(node.inputs) > 1 and node.inputs[1] is not None
-            center = len(node.inputs) > 2 and node.inputs[2] is not None
-            activation = attrs["activation"].as_int() if "activation" in attrs else contract.ACTIVATION_NONE
-            channels, groups = _channels_and_groups(node)
-            overload = variant_for(rank, 1, int(x.dtype), scale, center, activation, channels=channels, groups=groups).overload
+            value = _channels_first_input(container, region, node, i, new_of, inserted_in)
+            if value is not None:
+                inputs[i] = value
+        attributes, overload = _channels_first_attributes(node, region.rank)
         new = ir.Node(
             node.domain, node.op_type, inputs, attributes, overload=overload,
             num_outputs=len(node.outputs), name=node.name, version=node.version,
@@ -458,14 +505,20 @@ def _rewrite(container, region: _Region) -> None:
         new.metadata_props.update(node.metadata_props)
         for old_out, new_out in zip(node.outputs, new.outputs):
             new_out.type = old_out.type
+            new_out.shape = _channels_first_shape(old_out, new, region.rank)
             new_out.name = f"{old_out.name}_nchw" if old_out.name else None
             new_of[old_out] = new_out
         container.insert_before(node, new)
-    # Readers outside the region.
+    return new_of
+
+
+def _reconnect_readers(container, region: _Region, new_of: dict) -> None:
+    """Step 2: readers outside the region read the copies: a bypassed ``Transpose(to_first)``'s
+    readers take the channels-first value, any other reader a ``Transpose(to_last)`` of it."""
+    to_last = _to_last(region.rank)
+    backs: dict[ir.Value, ir.Value] = {}  # new (NCHW) value -> its Transpose back to NHWC
     for old_out, uses in region.exits.items():
         new_out = new_of[old_out]
-        producer_new = new_out.producer()
-        back: ir.Value | None = None
         for kind, transpose in uses:
             if kind == "bypass" and transpose is not None and transpose.graph is not None:
                 back_to_first = transpose.outputs[0]
@@ -474,26 +527,39 @@ def _rewrite(container, region: _Region) -> None:
                     _set_output(container, back_to_first, new_out)
                 ir.convenience.replace_all_uses_with(back_to_first, new_out)
         if any(kind == "insert" for kind, _ in uses):
-            t = _transpose(new_out, to_last, f"{_label(producer_new)}_to_nhwc")
-            container.insert_after(producer_new, t)
-            back = t.outputs[0]
-            back.type = old_out.type
-            back.shape = old_out.shape
+            back = _back_to_last(container, old_out, new_out, to_last, backs)
             for use in list(_uses(old_out)):
                 if use.node not in region.members:
                     use.node.replace_input_with(use.idx, back)
             if old_out.is_graph_output():
                 _set_output(container, old_out, back)
-    # The old region, the bypassed Transposes and the input Transposes nobody reads any more.
-    dead = list(reversed(region.nodes))
+    # Dead readers (nodes whose outputs nobody reads, which exporters leave behind) did not
+    # count while planning, but they must not keep the old region alive beside its copy (two
+    # nodes with one name): they read the channels-last value through a Transpose of their own
+    # (the pipeline's clean-up removes it with them when they were dead code of the fusion).
+    present = _all_nodes(container)
+    for node in region.nodes:
+        for old_out in node.outputs:
+            dead_uses = [
+                use for use in old_out.uses()
+                if use.node not in region.members and use.node in present and use.node not in _READERS
+            ]
+            if dead_uses:
+                back = _back_to_last(container, old_out, new_of[old_out], to_last, backs)
+                for use in dead_uses:
+                    use.node.replace_input_with(use.idx, back)
+
+
+def _remove_old(container, region: _Region) -> None:
+    """Step 3: remove the old region, the bypassed Transposes and the entry Transposes and
+    constants nobody reads any more."""
+    pending = list(reversed(region.nodes))
     for uses in region.exits.values():
-        dead.extend(t for kind, t in uses if kind == "bypass")
-    sources = []
+        pending.extend(t for kind, t in uses if kind == "bypass")
     for (node, i), kind in region.entries.items():
         producer = node.inputs[i].producer()
         if kind in ("transpose", "const") and producer is not None:
-            sources.append(producer)
-    pending = dead + sources
+            pending.append(producer)
     present = _all_nodes(container)
     changed = True
     while changed:
@@ -501,7 +567,7 @@ def _rewrite(container, region: _Region) -> None:
         for node in list(pending):
             outs = node.outputs
             if any(o.is_graph_output() or any(u.node in present for u in o.uses()) for o in outs):
-                continue  # still read (dead readers are left to the pipeline's clean-up)
+                continue  # still read
             for out in outs:
                 for use in list(out.uses()):  # stale readers, in no graph
                     use.node.replace_input_with(use.idx, None)
@@ -509,6 +575,13 @@ def _rewrite(container, region: _Region) -> None:
             present.discard(node)
             pending.remove(node)
             changed = True
+
+
+def _rewrite(container, region: _Region) -> None:
+    """Move ``region`` to channels-first: copy, reconnect the readers, remove the old nodes."""
+    new_of = _copy_region(container, region)
+    _reconnect_readers(container, region, new_of)
+    _remove_old(container, region)
 
 
 def lower(model: ir.Model, report: FuseReport) -> None:

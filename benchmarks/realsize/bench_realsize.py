@@ -21,8 +21,8 @@ Per model and target (``onnx_groupnorm.rewriter.TARGETS`` read at run time, minu
 
 ``--profile``: onnxruntime's per-node profiler (``SessionOptions.enable_profiling``, same session
 settings) over ``--profile-runs`` runs after one warm-up, aggregated by op type: share of node time
-of Conv, Transpose, ReorderInput/ReorderOutput (the NCHWc layout changes onnxruntime inserts) and the
-rest, original vs each target.
+of Conv, Transpose, ReorderInput/ReorderOutput (the NCHWc layout changes onnxruntime inserts), the
+normalisation arithmetic (``NORM_OPS``) and the rest, original vs each target, and the top op types.
 """
 
 from __future__ import annotations
@@ -203,6 +203,10 @@ def bench_model(name, targets, repeats, workdir, use_ov):
     return meta, orig, rows
 
 
+def fmt_ms(value):
+    return "—" if value is None else f"{value:.0f}" if value >= 10 else f"{value:.2f}"
+
+
 def num(value, spec):
     return "—" if value is None else format(value, spec)
 
@@ -215,7 +219,7 @@ def ov_cells(row, orig):
         return ["—", "—"]
     err = f"{row['ov_err']:.1e} ({num(orig.get('ov_err'), '.1e')})"
     if "ov_fail" in orig:
-        return [f"original fails; fused {num(row.get('ov_ms'), '.0f')} ms", err]
+        return [f"original fails; fused {fmt_ms(row.get('ov_ms'))} ms", err]
     return [num(row.get("ov_ratio"), ".2f"), err]
 
 
@@ -230,13 +234,13 @@ def table(results, use_ov):
             cells = [name, meta["route"], t]
             if row["error"]:
                 cells += [f"fails: {row['error'][:120]}", f"{row['fuse_s']:.1f}", f"{row['rss_mib']:.0f}", "—", "—",
-                          num(orig["ort_ms"], ".0f")]
+                          fmt_ms(orig["ort_ms"])]
             else:
                 cells += [f"{row['fused']}/{row['expected']}", f"{row['fuse_s']:.1f}", f"{row['rss_mib']:.0f}",
                           f"{row['ort_err']:.1e} ({orig['ort_err']:.1e})", num(row.get("ort_ratio"), ".2f"),
-                          num(orig["ort_ms"], ".0f")]
+                          fmt_ms(orig["ort_ms"])]
             if use_ov:
-                ov_orig = f"fails: {orig['ov_fail']}" if "ov_fail" in orig else num(orig.get("ov_ms"), ".0f")
+                ov_orig = f"fails: {orig['ov_fail']}" if "ov_fail" in orig else fmt_ms(orig.get("ov_ms"))
                 cells += (["—", "—"] if row["error"] else ov_cells(row, orig)) + [ov_orig]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -263,6 +267,14 @@ def header(args, load_before):
 
 CATEGORY = {"Conv": "Conv", "FusedConv": "Conv", "NchwcConv": "Conv", "Transpose": "Transpose",
             "ReorderInput": "Reorder (NCHWc)", "ReorderOutput": "Reorder (NCHWc)"}
+# The ops the normalisation arithmetic is made of (exported and fused forms); Mul / Add / Sigmoid are
+# left out of it: they are also the residual adds, SiLU and attention of these models.
+NORM_OPS = {"InstanceNormalization", "GroupNormalization", "GroupNorm", "LayerNormalization", "ReduceMean",
+            "ReduceSum", "ReduceSumSquare", "ReduceVariance", "Sqrt", "Div", "Sub", "Pow", "Reciprocal", "Reshape",
+            "Tile", "Expand", "GlobalAveragePool"}
+for _op in NORM_OPS:
+    CATEGORY[_op] = "normalisation ops"
+CATEGORIES = ["Conv", "Transpose", "Reorder (NCHWc)", "normalisation ops", "other"]
 
 
 def profile_ops(path, inputs, runs):
@@ -306,12 +318,12 @@ def profile(names, targets, runs, workdir, top):
         for k, ops in prof.items():
             for op, us in ops.items():
                 cat[k][CATEGORY.get(op, "other")] += us
-        for c in ["Conv", "Transpose", "Reorder (NCHWc)", "other"]:
+        for c in CATEGORIES:
             print(f"| **{c}** | " + " | ".join(f"{100 * cat[k][c] / totals[k]:.1f}%" for k in cols) + " |")
         order = sorted(set().union(*prof.values()), key=lambda op: -max(prof[k][op] / totals[k] for k in cols))
         for op in order[:top]:
             print(f"| {op} | " + " | ".join(f"{100 * prof[k][op] / totals[k]:.1f}%" for k in cols) + " |")
-        print("| total node time per run (ms) | " + " | ".join(f"{totals[k] / runs / 1e3:.0f}" for k in cols) + " |",
+        print("| total node time per run (ms) | " + " | ".join(fmt_ms(totals[k] / runs / 1e3) for k in cols) + " |",
               flush=True)
 
 

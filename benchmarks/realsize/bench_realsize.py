@@ -9,7 +9,7 @@ Per model and target (``onnx_groupnorm.rewriter.TARGETS`` read at run time, minu
 ``NOT_ON_CPU``) it prints one markdown row:
 
 * fuse time and peak RSS: a child process running the CLI (``onnx-groupnorm fuse IN -o OUT --target
-  T --report R``), its own ``ru_maxrss`` from ``os.wait4``; layers fused / the export's GroupNorms;
+  T --report R``), its own high-water RSS (``VmHWM``); layers fused / the export's GroupNorms;
 * parity: max abs error of the fused model in onnxruntime CPU against the FRAMEWORK's recorded
   output (``NAME.npz``), the original export's error beside it;
 * onnxruntime CPU: 2 intra-op threads, ``session.intra_op.allow_spinning=0``, all sessions in one
@@ -81,23 +81,32 @@ def max_err(got, ref):
     return float(max(np.max(np.abs(np.asarray(g, np.float64) - np.asarray(r, np.float64))) for g, r in zip(got, ref)))
 
 
+# The CLI's main, then the child's own high-water RSS (VmHWM) on the last line of stderr. Not
+# getrusage: Linux carries the parent's RSS across fork/vfork + exec into the child's ru_maxrss.
+_CHILD = """import sys
+from onnx_groupnorm.cli import main
+try:
+    rc = main(sys.argv[1:])
+finally:
+    hwm = [ln for ln in open("/proc/self/status") if ln.startswith("VmHWM:")][0].split()[1]
+    print("VmHWM_kB", hwm, file=sys.stderr)
+sys.exit(rc)
+"""
+
+
 def fuse_child(src, dst, target):
     """CLI in a child: (seconds, peak RSS MiB of that child, report dict or None, error text)."""
     rep = dst.with_suffix(".report.json")
-    cmd = [sys.executable, "-m", "onnx_groupnorm", "fuse", str(src), "-o", str(dst), "--target", target,
-           "--report", str(rep)]
+    cmd = [sys.executable, "-c", _CHILD, "fuse", str(src), "-o", str(dst), "--target", target, "--report", str(rep)]
     t0 = time.perf_counter()
-    with tempfile.TemporaryFile() as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        seconds = time.perf_counter() - t0
-        log.seek(0)
-        text = log.read().decode(errors="replace")
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    seconds = time.perf_counter() - t0
+    hwm = [ln.split()[1] for ln in proc.stderr.splitlines() if ln.startswith("VmHWM_kB")]
+    rss = int(hwm[-1]) / 1024 if hwm else float("nan")
     if proc.returncode != 0:
-        tail = [ln for ln in text.splitlines() if ln.strip()][-2:]
-        return seconds, usage.ru_maxrss / 1024, None, f"exit {proc.returncode}: " + " | ".join(tail)
-    return seconds, usage.ru_maxrss / 1024, json.loads(rep.read_text()), ""
+        tail = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.strip() and "VmHWM" not in ln][-2:]
+        return seconds, rss, None, f"exit {proc.returncode}: " + " | ".join(tail)
+    return seconds, rss, json.loads(rep.read_text()), ""
 
 
 def ort_session(path, profile_prefix=None):

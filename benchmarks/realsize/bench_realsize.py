@@ -1,0 +1,374 @@
+"""Real-size benchmark: every model of ``make_*_models.py``, fused with every CPU target.
+
+Run in the package's venv (``.venv`` of the checkout, plus ``pip install openvino``)::
+
+    .venv/bin/python benchmarks/realsize/bench_realsize.py [--only NAME ..] [--out FILE.md]
+    .venv/bin/python benchmarks/realsize/bench_realsize.py --profile --only NAME [--targets T ..]
+
+Per model and target (``onnx_groupnorm.rewriter.TARGETS`` read at run time, minus the targets of
+``NOT_ON_CPU``) it prints one markdown row:
+
+* fuse time and peak RSS: a child process running the CLI (``onnx-groupnorm fuse IN -o OUT --target
+  T --report R``), its own high-water RSS (``VmHWM``); layers fused / the export's GroupNorms;
+* parity: max abs error of the fused model in onnxruntime CPU against the FRAMEWORK's recorded
+  output (``NAME.npz``), the original export's error beside it;
+* onnxruntime CPU: 2 intra-op threads, ``session.intra_op.allow_spinning=0``, all sessions in one
+  process; after one warm-up run each, rounds of original, target 1, target 2 .. (the order of the
+  targets rotates each round); ratio = median over rounds of (target run / the same round's original
+  run), below 1 is faster; the pairing within a round compensates the drift of a shared machine;
+* OpenVINO CPU, the same rounds, ``INFERENCE_PRECISION_HINT=f32`` and 2 threads
+  (``INFERENCE_NUM_THREADS``); a model OpenVINO cannot compile gets ``fails: <reason>``.
+
+``--profile``: onnxruntime's per-node profiler (``SessionOptions.enable_profiling``, same session
+settings) over ``--profile-runs`` runs after one warm-up, aggregated by op type: share of node time
+of Conv, Transpose, ReorderInput/ReorderOutput (the NCHWc layout changes onnxruntime inserts), the
+normalisation arithmetic (``NORM_OPS``) and the rest, original vs each target, and the top op types.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import pathlib
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import onnxruntime as ort
+
+from onnx_groupnorm.rewriter import TARGETS
+
+try:
+    from onnx_groupnorm.rewriter.targets import NOT_ON_CPU
+except ImportError:  # older layouts: only the GPU target is known not to run on the CPU
+    NOT_ON_CPU = {"ort-gpu": ""}
+
+MODELS = pathlib.Path(os.environ.get("BIGMODELS", "/work/bigmodels"))
+THREADS = 2
+OV_CONFIG = {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": THREADS}
+
+
+def cpu_targets(chosen=None):
+    names = [t for t in TARGETS if t not in NOT_ON_CPU]
+    return [t for t in names if t in chosen] if chosen else names
+
+
+def ready_models(only=None):
+    names = sorted(p.stem for p in MODELS.glob("*.ready"))
+    if only:
+        missing = [n for n in only if n not in names]
+        if missing:
+            sys.exit(f"not ready in {MODELS}: {missing}")
+        names = list(dict.fromkeys(only))  # in the order given: the most wanted rows first
+    return names
+
+
+def load_data(name):
+    with np.load(MODELS / f"{name}.npz") as d:
+        ins = [d[k] for k in sorted((k for k in d if k.startswith("in_")), key=lambda k: int(k[3:]))]
+        outs = [d[k] for k in sorted((k for k in d if k.startswith("out_")), key=lambda k: int(k[4:]))]
+    meta = json.loads((MODELS / f"{name}.json").read_text())
+    return ins, outs, meta
+
+
+def max_err(got, ref):
+    return float(max(np.max(np.abs(np.asarray(g, np.float64) - np.asarray(r, np.float64))) for g, r in zip(got, ref)))
+
+
+# The CLI's main, then the child's own high-water RSS (VmHWM) on the last line of stderr. Not
+# getrusage: Linux carries the parent's RSS across fork/vfork + exec into the child's ru_maxrss.
+_CHILD = """import sys
+from onnx_groupnorm.cli import main
+try:
+    rc = main(sys.argv[1:])
+finally:
+    hwm = [ln for ln in open("/proc/self/status") if ln.startswith("VmHWM:")][0].split()[1]
+    print("VmHWM_kB", hwm, file=sys.stderr)
+sys.exit(rc)
+"""
+
+
+def fuse_child(src, dst, target):
+    """CLI in a child: (seconds, peak RSS MiB of that child, report dict or None, error text)."""
+    rep = dst.with_suffix(".report.json")
+    cmd = [sys.executable, "-c", _CHILD, "fuse", str(src), "-o", str(dst), "--target", target, "--report", str(rep)]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    seconds = time.perf_counter() - t0
+    hwm = [ln.split()[1] for ln in proc.stderr.splitlines() if ln.startswith("VmHWM_kB")]
+    rss = int(hwm[-1]) / 1024 if hwm else float("nan")
+    if proc.returncode != 0:
+        tail = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.strip() and "VmHWM" not in ln][-2:]
+        return seconds, rss, None, f"exit {proc.returncode}: " + " | ".join(tail)
+    return seconds, rss, json.loads(rep.read_text()), ""
+
+
+def ort_session(path, profile_prefix=None):
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = THREADS
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    # idle sessions' spinning threads would steal the two cores from the one being timed
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if profile_prefix:
+        so.enable_profiling = True
+        so.profile_file_prefix = profile_prefix
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def ort_runner(path, inputs):
+    sess = ort_session(path)
+    feeds = {i.name: x for i, x in zip(sess.get_inputs(), inputs)}
+    return lambda: sess.run(None, feeds)
+
+
+def ov_runner(core, path, inputs):
+    compiled = core.compile_model(str(path), "CPU", OV_CONFIG)
+    req = compiled.create_infer_request()
+
+    def run():
+        req.infer(list(inputs))
+        return [req.get_output_tensor(i).data.copy() for i in range(len(compiled.outputs))]
+    return run
+
+
+def rounds(runners: dict, repeats: int):
+    """``runners['original']`` then the others (order rotating), ``repeats`` rounds after one warm-up.
+    Returns ({key: median ms}, {key: median of per-round ratio to the original}, {key: outputs})."""
+    outputs = {k: fn() for k, fn in runners.items()}  # warm-up, and the outputs for parity
+    others = [k for k in runners if k != "original"]
+    ms = {k: [] for k in runners}
+    ratio = {k: [] for k in others}
+    for r in range(repeats):
+        order = ["original"] + others[r % max(len(others), 1):] + others[:r % max(len(others), 1)]
+        t = {}
+        for k in order:
+            t0 = time.perf_counter()
+            runners[k]()
+            t[k] = (time.perf_counter() - t0) * 1e3
+            ms[k].append(t[k])
+        for k in others:
+            ratio[k].append(t[k] / t["original"])
+    return ({k: statistics.median(v) for k, v in ms.items() if v},
+            {k: statistics.median(v) for k, v in ratio.items() if v}, outputs)
+
+
+def first_line(exc):
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    text = next((ln for ln in lines if "conversion rule" in ln or "rror" in ln), lines[0] if lines else "")
+    return f"{type(exc).__name__}: {text[:160]}"
+
+
+def bench_model(name, targets, repeats, workdir, use_ov):
+    ins, ref, meta = load_data(name)
+    src = MODELS / f"{name}.onnx"
+    rows = {}
+    paths = {"original": src}
+    for t in targets:
+        dst = workdir / f"{name}.{t}.onnx"
+        sec, rss, report, err = fuse_child(src, dst, t)
+        rows[t] = {"fuse_s": sec, "rss_mib": rss, "error": err,
+                   "fused": len(report["fused"]) if report else None, "expected": meta.get("expected_group_norms")}
+        if report:
+            paths[t] = dst
+        print(f"  fuse {name} --target {t}: {sec:.1f} s, peak RSS {rss:.0f} MiB, "
+              f"{rows[t]['fused']} fused {err}", flush=True)
+    runners = {k: ort_runner(p, ins) for k, p in paths.items()}
+    ms, ratio, outs = rounds(runners, repeats)
+    del runners
+    orig = {"ort_ms": ms.get("original"), "ort_err": max_err(outs["original"], ref)}
+    for t in paths:
+        if t != "original":
+            rows[t].update(ort_ratio=ratio.get(t), ort_ms=ms.get(t), ort_err=max_err(outs[t], ref))
+    if use_ov:
+        import openvino as ov
+        core = ov.Core()
+        ov_runners = {}
+        for k, p in paths.items():
+            try:
+                ov_runners[k] = ov_runner(core, p, ins)
+            except Exception as e:  # noqa: BLE001 - a model OpenVINO cannot load is a result
+                (orig if k == "original" else rows[k])["ov_fail"] = first_line(e)
+        if "original" in ov_runners:
+            ms, ratio, outs = rounds(ov_runners, repeats)
+            orig.update(ov_ms=ms.get("original"), ov_err=max_err(outs["original"], ref))
+            for k in ov_runners:
+                if k != "original":
+                    rows[k].update(ov_ratio=ratio.get(k), ov_ms=ms.get(k), ov_err=max_err(outs[k], ref))
+        elif len(ov_runners) > 0:  # fused loads where the original did not: times alone
+            ms, _, outs = rounds({"original": next(iter(ov_runners.values())), **ov_runners}, repeats)
+            for k in ov_runners:
+                rows[k].update(ov_ms=ms.get(k), ov_err=max_err(outs[k], ref))
+        del ov_runners
+    for t in targets:
+        (workdir / f"{name}.{t}.onnx").unlink(missing_ok=True)
+        (workdir / f"{name}.{t}.report.json").unlink(missing_ok=True)
+    return meta, orig, rows
+
+
+def fmt_ms(value):
+    return "—" if value is None else f"{value:.0f}" if value >= 10 else f"{value:.2f}"
+
+
+def num(value, spec):
+    return "—" if value is None else format(value, spec)
+
+
+def ov_cells(row, orig):
+    """OpenVINO: ratio (or why not), error fused (export)."""
+    if "ov_fail" in row:
+        return [f"fails: {row['ov_fail']}", "—"]
+    if "ov_err" not in row:
+        return ["—", "—"]
+    err = f"{row['ov_err']:.1e} ({num(orig.get('ov_err'), '.1e')})"
+    if "ov_fail" in orig:
+        return [f"original fails; fused {fmt_ms(row.get('ov_ms'))} ms", err]
+    return [num(row.get("ov_ratio"), ".2f"), err]
+
+
+def table(results, use_ov):
+    cols = ["model", "route", "target", "GN fused", "fuse s", "fuse peak RSS MiB",
+            "ORT max abs err vs framework: fused (export)", "ORT CPU fused/original", "ORT original ms"]
+    if use_ov:
+        cols += ["OpenVINO f32 fused/original", "OpenVINO max abs err: fused (export)", "OpenVINO original ms"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for name, (meta, orig, rows) in results.items():
+        for t, row in rows.items():
+            cells = [name, meta["route"], t]
+            if row["error"]:
+                cells += [f"fails: {row['error'][:120]}", f"{row['fuse_s']:.1f}", f"{row['rss_mib']:.0f}", "—", "—",
+                          fmt_ms(orig["ort_ms"])]
+            else:
+                cells += [f"{row['fused']}/{row['expected']}", f"{row['fuse_s']:.1f}", f"{row['rss_mib']:.0f}",
+                          f"{row['ort_err']:.1e} ({orig['ort_err']:.1e})", num(row.get("ort_ratio"), ".2f"),
+                          fmt_ms(orig["ort_ms"])]
+            if use_ov:
+                ov_orig = f"fails: {orig['ov_fail']}" if "ov_fail" in orig else fmt_ms(orig.get("ov_ms"))
+                cells += (["—", "—"] if row["error"] else ov_cells(row, orig)) + [ov_orig]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def header(args, load_before):
+    import onnx
+    try:
+        import openvino
+        ov_version = openvino.__version__
+    except ImportError:
+        ov_version = "not installed"
+    cpu = platform.machine()
+    with open("/proc/cpuinfo") as f:
+        cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    return (f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {cpu}, {os.cpu_count()} cores; onnxruntime "
+            f"{ort.__version__} CPU ({THREADS} intra-op threads, spinning off), OpenVINO {ov_version} CPU "
+            f"(f32, {THREADS} threads), onnx {onnx.__version__}, Python {platform.python_version()}; "
+            f"{args.repeats} rounds after 1 warm-up; load average {load_before:.1f} before, "
+            f"{os.getloadavg()[0]:.1f} after")
+
+
+# --------------------------------------------------------------------------- profile
+
+CATEGORY = {"Conv": "Conv", "FusedConv": "Conv", "NchwcConv": "Conv", "Transpose": "Transpose",
+            "ReorderInput": "Reorder (NCHWc)", "ReorderOutput": "Reorder (NCHWc)"}
+# The ops the normalisation arithmetic is made of (exported and fused forms); Mul / Add / Sigmoid are
+# left out of it: they are also the residual adds, SiLU and attention of these models.
+NORM_OPS = {"InstanceNormalization", "GroupNormalization", "GroupNorm", "LayerNormalization", "ReduceMean",
+            "ReduceSum", "ReduceSumSquare", "ReduceVariance", "Sqrt", "Div", "Sub", "Pow", "Reciprocal", "Reshape",
+            "Tile", "Expand", "GlobalAveragePool"}
+for _op in NORM_OPS:
+    CATEGORY[_op] = "normalisation ops"
+CATEGORIES = ["Conv", "Transpose", "Reorder (NCHWc)", "normalisation ops", "other"]
+
+
+def profile_ops(path, inputs, runs):
+    """``{op type: total µs}`` over ``runs`` runs after a warm-up (node events of the ORT profile)."""
+    with tempfile.TemporaryDirectory() as d:
+        sess = ort_session(path, profile_prefix=str(pathlib.Path(d) / "p"))
+        feeds = {i.name: x for i, x in zip(sess.get_inputs(), inputs)}
+        sess.run(None, feeds)
+        for _ in range(runs):
+            sess.run(None, feeds)
+        events = json.loads(pathlib.Path(sess.end_profiling()).read_text())
+    model_runs = sorted(e["ts"] for e in events if e.get("name") == "model_run")
+    start = model_runs[1] if len(model_runs) > 1 else 0  # skip the warm-up run
+    out = collections.Counter()
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= start:
+            out[e["args"]["op_name"]] += e["dur"]
+    return out
+
+
+def profile(names, targets, runs, workdir, top):
+    for name in names:
+        ins, _, meta = load_data(name)
+        src = MODELS / f"{name}.onnx"
+        prof = {"original": profile_ops(src, ins, runs)}
+        for t in targets:
+            dst = workdir / f"{name}.{t}.onnx"
+            _, _, report, err = fuse_child(src, dst, t)
+            if report:
+                prof[t] = profile_ops(dst, ins, runs)
+                dst.unlink()
+                dst.with_suffix(".report.json").unlink(missing_ok=True)
+            else:
+                print(f"{name} --target {t}: {err}")
+        cols = list(prof)
+        print(f"\n### {name} ({meta['route']}): share of onnxruntime node time, {runs} profiled runs\n")
+        print("| op type | " + " | ".join(cols) + " |")
+        print("|---|" + "---|" * len(cols))
+        totals = {k: sum(v.values()) for k, v in prof.items()}
+        cat = {k: collections.Counter() for k in cols}
+        for k, ops in prof.items():
+            for op, us in ops.items():
+                cat[k][CATEGORY.get(op, "other")] += us
+        for c in CATEGORIES:
+            print(f"| **{c}** | " + " | ".join(f"{100 * cat[k][c] / totals[k]:.1f}%" for k in cols) + " |")
+        order = sorted(set().union(*prof.values()), key=lambda op: -max(prof[k][op] / totals[k] for k in cols))
+        for op in order[:top]:
+            print(f"| {op} | " + " | ".join(f"{100 * prof[k][op] / totals[k]:.1f}%" for k in cols) + " |")
+        print("| total node time per run (ms) | " + " | ".join(fmt_ms(totals[k] / runs / 1e3) for k in cols) + " |",
+              flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", nargs="+", default=None, metavar="NAME", help="these models, in this order")
+    ap.add_argument("--targets", nargs="+", default=None, help="subset of the CPU targets (default: all)")
+    ap.add_argument("--repeats", type=int, default=7,
+                    help="timed rounds after one warm-up (default 7; 0: fuse and parity only, no timing)")
+    ap.add_argument("--no-openvino", action="store_true")
+    ap.add_argument("--out", type=pathlib.Path, default=None, help="also write the markdown table here")
+    ap.add_argument("--profile", action="store_true", help="per-op-type profile instead of the table")
+    ap.add_argument("--profile-runs", type=int, default=3)
+    ap.add_argument("--top", type=int, default=12, help="op types listed per profile")
+    args = ap.parse_args()
+    targets = cpu_targets(args.targets)
+    names = ready_models(args.only)
+    with tempfile.TemporaryDirectory(dir=MODELS, prefix=".fused-") as work:
+        workdir = pathlib.Path(work)
+        if args.profile:
+            profile(names, targets, args.profile_runs, workdir, args.top)
+            return 0
+        load = os.getloadavg()[0]
+        use_ov = not args.no_openvino
+        results = {}
+        for name in names:
+            print(f"{name} ...", flush=True)
+            results[name] = bench_model(name, targets, args.repeats, workdir, use_ov)
+            if args.out:  # after every model: a partial table survives an interrupted run
+                args.out.write_text(header(args, load) + "\n\n" + table(results, use_ov) + "\n")
+        text = header(args, load) + "\n\n" + table(results, use_ov)
+        print("\n" + text)
+        if args.out:
+            args.out.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

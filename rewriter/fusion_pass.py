@@ -181,7 +181,7 @@ def prepare_for_rules(model: ir.Model) -> ir.Model:
     """
     failure = _prepare(model)
     if failure:
-        logger.warning("shape inference failed, the rules see only the shapes in the model: %s", failure)
+        logger.info("shape inference failed, the rules see only the shapes in the model: %s", failure)
     return model
 
 
@@ -444,7 +444,7 @@ class GroupNormFusionPass(ir.passes.InPlacePass):
         snapshot = _Snapshot(model)
         failure = _prepare(model)
         if failure:
-            logger.warning("shape inference failed, continuing with the shapes in the model: %s", failure)
+            logger.info("shape inference failed, continuing with the shapes in the model: %s", failure)
             report.notes.append(f"shape inference failed: {failure}")
         before = {n for g in graph_likes(model) for n in g if is_ours(n)}
         recorder = _SkipRecorder()

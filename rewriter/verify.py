@@ -47,7 +47,7 @@ from ..ops.reference import group_normalization
 from ..ops.tolerances import Tolerance
 from . import inputs as inputs_module
 from ._graphs import is_ours
-from .errors import ModelFileError, UsageError
+from .errors import ModelFileError, UsageError, model_file_error
 from .io import EXTERNAL_DATA_THRESHOLD
 from .report import LayerCheck, OutputCheck, Verification
 
@@ -109,7 +109,7 @@ class _Model:
                 self.proto = onnx.load(os.fspath(path), load_external_data=False)
                 self.ir = ir.load(os.fspath(path))
             except Exception as e:
-                raise ModelFileError(f"{path}: cannot load the {role} model: {e}") from e
+                raise (model_file_error(e, path) or ModelFileError(f"{path}: cannot load the {role} model: {e}")) from e
             self.folder = path.resolve().parent
         elif isinstance(model, onnx.ModelProto):
             self.proto, self.ir, self.name = model, ir.from_proto(model), source or f"the {role} model"
@@ -484,8 +484,8 @@ def verify(
     try:
         with before.session(before_extra) as run:
             sets = _run_sets(plan, run, before.name, lambda index, results: tally.add("original", index, results))
-    except _LoadError as e:
-        raise ModelFileError(str(e)) from e
+    except _LoadError as e:  # the same one-line classification as the CLI's loading
+        raise (model_file_error(e.__cause__, before.name) or ModelFileError(str(e))) from e
     shapes = [{k: list(v.shape) for k, v in feeds.items()} for feeds, _ in sets]
     failed = lambda detail: Verification(  # noqa: E731
         passed=False, max_abs_error=float("nan"), worst_ratio=float("inf"), rtol=_DEFAULT.rtol, atol=_DEFAULT.atol,

@@ -249,7 +249,7 @@ def assert_fused(model: onnx.ModelProto, gn: GN, x_in, x_gn=None, *, rule: str |
     """Exactly one node of our op with the right attributes, and onnxruntime's output of the
     fused model agrees with the reference. ``x_in`` feeds the model; ``x_gn`` is what reaches
     the layer (default ``x_in``). Returns ``(fused, report)``."""
-    fused, report = fuse(model)
+    fused, report = fuse(model, target="function")
     nodes = ours(fused)
     assert len(nodes) == 1, (report.summary(), [n.op_type for n in fused.graph.node])
     attrs = attrs_of(nodes[0])
@@ -272,7 +272,7 @@ def assert_fused(model: onnx.ModelProto, gn: GN, x_in, x_gn=None, *, rule: str |
 
 def assert_skipped(model: onnx.ModelProto, reason: str):
     """Nothing fused, and some candidate was rejected for ``reason`` (a substring)."""
-    fused, report = fuse(model)
+    fused, report = fuse(model, target="function")
     assert ours(fused) == [], report.summary()
     assert any(reason in r for r in reasons(report)), reasons(report)
     return report

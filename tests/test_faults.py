@@ -364,9 +364,9 @@ def test_library_tracebacks_are_not_printed(export, tmp_path, capsys):
     path = tmp_path / "nodomain.onnx"
     onnx.save(model, path)
     code, _, err = _run(["fuse", path, "-o", tmp_path / "o.onnx"], capsys)
-    assert code == cli.EXIT_OK and "Traceback" not in err and "Shape inference failed" not in err, err
+    assert code == cli.EXIT_OK and "Traceback" not in err and "shape inference failed" not in err.lower(), err
     code, _, err = _run(["fuse", path, "-o", tmp_path / "o.onnx", "-v"], capsys)
-    assert code == cli.EXIT_OK and "Shape inference failed" in err and "Traceback" in err
+    assert code == cli.EXIT_OK and "shape inference failed" in err.lower() and "Traceback" in err, err
 
 
 def test_verify_ort_gpu_without_a_gpu_is_unsupported(export, tmp_path, capsys, monkeypatch):

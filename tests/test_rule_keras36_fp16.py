@@ -200,5 +200,5 @@ def test_intermediate_graph_output_is_not_fused():
     gn = k36_layer(b, "x", ("N", 8, 8, 16), 4)
     stats = next(n.output[0] for n in b.nodes if n.op_type == "Cast" and n.attribute[0].i == F32)
     model = b.model([("x", F16, ["N", 8, 8, 16])], [(gn.y, F16, ["N", 8, 8, 16]), (stats, F32, None)])
-    fused, report = fuse(model)
+    fused, report = fuse(model, target="function")
     assert ours(fused) == [] and report.fused == []

@@ -204,7 +204,7 @@ def test_two_layers_in_a_row(rng):
     relu = b.op("Relu", first.y)
     second = keras_group_norm(b, relu, ("N", 8, 8, 16), 8, tf_moments(), seed=2, swap=True)
     model = b.model([("x", F32, ["N", 8, 8, 16])], [(second.y, F32, ["N", 8, 8, 16])])
-    fused, report = fuse(model)
+    fused, report = fuse(model, target="function")
     assert len(ours(fused)) == 2 and {f.groups for f in report.fused} == {4, 8}
 
 
@@ -281,5 +281,5 @@ def test_intermediate_graph_output_is_not_fused():
     gn = keras_group_norm(b, "x", ("N", 8, 8, 16), 4, tf_moments())
     mean = next(n.output[0] for n in b.nodes if n.op_type == "ReduceMean")
     model = b.model([("x", F32, ["N", 8, 8, 16])], [(gn.y, F32, ["N", 8, 8, 16]), (mean, F32, None)])
-    fused, report = fuse(model)
+    fused, report = fuse(model, target="function")
     assert ours(fused) == [] and report.fused == []

@@ -73,7 +73,7 @@ def test_ort_target_leaves_negatives_alone(entry):
 def test_block_transposes_removed(entry):
     model = load(entry)
     before = _transposes(model)
-    function_form, _ = fuse(model)
+    function_form, _ = fuse(model, target="function")
     fused, report = fuse(model, target="ort")
     after = _transposes(fused)
     assert after < before and after < _transposes(function_form)
@@ -98,7 +98,7 @@ def test_block_with_nhwc_residual_keeps_second_layer_and_says_why():
 def test_channels_first_models_unchanged_by_ort_target():
     entry = next(e for e in entries() if e.values[0]["name"] == "torch_gn_ts_block_c32_g8_opset17_dynbatch").values[0]
     model = load(entry)
-    function_form, _ = fuse(model)
+    function_form, _ = fuse(model, target="function")
     fused, report = fuse(model, target="ort")
     assert report.lowered == []
     assert [n.op_type for n in fused.graph.node] == [n.op_type for n in function_form.graph.node]

@@ -199,13 +199,8 @@ def per_channel_param(value: ir.Value, grouping: Grouping, what: str) -> tuple[n
             return None, why
         value = value.producer().inputs[0]
     expected = grouping.param_shape()
-    array = _shapes.numpy_of(value)
-    if array is not None:
-        shape = [1] * (len(expected) - array.ndim) + list(array.shape)
-        if shape != expected:
-            return None, f"{what} has shape {list(array.shape)}, not the grouped layout {expected}"
-        return array.reshape(-1), None
     node = value.producer()
+    # A Reshape first, even when folding knows its value: its [C] input is kept as it is.
     if node is not None and node.op_type == "Reshape":
         source = node.inputs[0]
         target = _shapes.int_values(node.inputs[1])
@@ -220,4 +215,10 @@ def per_channel_param(value: ir.Value, grouping: Grouping, what: str) -> tuple[n
         if why:
             return None, why
         return source, None
+    array = _shapes.numpy_of(value)
+    if array is not None:
+        shape = [1] * (len(expected) - array.ndim) + list(array.shape)
+        if shape != expected:
+            return None, f"{what} has shape {list(array.shape)}, not the grouped layout {expected}"
+        return array.reshape(-1), None
     return None, f"{what} is neither a constant nor a Reshape of a [C] vector"

@@ -16,18 +16,37 @@ we evaluate it symbolically:
   such dims, or None when any part is unknown.
 * :func:`reshape_dims` applies Reshape's rules (0 = copy unless ``allowzero``, one -1).
 
-All functions are pure: they read the graph, never change it.
+These functions are pure: they read the graph, never change it. The one exception is
+:func:`adopt_folded_facts`, which the pipeline runs once before matching: it constant-folds a
+*copy* of the model (onnxscript's folder, then onnx shape inference) and records on the
+original values only what that proves — static dims where the original's shape inference left
+a dim unknown, and small folded constants in ``Value.meta`` (never serialised). The user's
+graph keeps every node; the pipeline restores inferred shapes before saving.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Sequence
 
 import numpy as np
 import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
+from onnxscript.optimizer import _constant_folding
 
-__all__ = ["Sym", "Dim", "dims_of", "int_values", "reshape_dims", "same_dims", "INFER", "numpy_of", "constant_array"]
+__all__ = [
+    "Sym", "Dim", "dims_of", "int_values", "reshape_dims", "same_dims", "INFER", "numpy_of", "constant_array",
+    "adopt_folded_facts", "FOLDED_META_KEY",
+]
+
+logger = logging.getLogger(__name__)
+
+#: ``Value.meta`` key under which :func:`adopt_folded_facts` records a folded constant.
+FOLDED_META_KEY = "onnx_groupnorm.folded_constant"
+#: Largest folded constant (elements) recorded: shape vectors and per-channel parameters,
+#: not weights; it bounds the memory the facts hold on to.
+_FOLDED_MAX_ELEMENTS = 1 << 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -274,13 +293,77 @@ def same_dims(actual: Sequence[Dim], expected: Sequence[Dim]) -> bool:
 
 
 def numpy_of(value: ir.Value | None) -> np.ndarray | None:
-    """A constant's value as a NumPy array, or None.
+    """A constant's value as a NumPy array, or None: an initializer or Constant, or a value
+    that :func:`adopt_folded_facts` proved constant (an Identity of an initializer, shape
+    arithmetic on static shapes, ...).
 
     An initializer that is also a graph input is not constant: a caller may override it.
     """
-    if value is None or value.const_value is None or value.is_graph_input():
+    if value is None or value.is_graph_input():
         return None
-    return value.const_value.numpy()
+    if value.const_value is not None:
+        return value.const_value.numpy()
+    return value.meta.get(FOLDED_META_KEY)
+
+
+def _fold_everything_small(node: ir.Node) -> bool | None:
+    # onnxscript keeps ConstantOfShape unfolded (to keep models small); on our private copy
+    # we want its value: torch's Pad/MaxPool padding is built from one.
+    return True if node.op_type == "ConstantOfShape" else None
+
+
+def adopt_folded_facts(model: ir.Model) -> None:
+    """Record on ``model``'s main-graph values what constant folding of a copy proves.
+
+    Exporters hide constants behind ops that shape inference does not evaluate (TorchScript
+    shares repeated constants as ``Identity`` of one initializer and builds Pad pads through
+    ConstantOfShape/Concat/Reshape/Slice/Transpose/Cast), which leaves even channel dims
+    unknown downstream. Folding a copy (tensors are shared, not copied) and running shape
+    inference on it gives those dims; they are facts of the original too, because the copy
+    computes the same values for every input. Only integer dims are adopted (the copy's
+    symbolic names are fresh and must not be compared with the original's), and only where
+    the original's dim is unknown; constants are recorded in ``Value.meta``.
+    """
+    copy = model.clone()
+    # The folder warns about what it leaves unfolded; on our private copy that is not news.
+    folder_logger = logging.getLogger(_constant_folding.__name__)
+    level = folder_logger.level
+    folder_logger.setLevel(logging.ERROR)
+    try:
+        _constant_folding.fold_constants(copy, onnx_shape_inference=True, should_fold=_fold_everything_small)
+        common_passes.ShapeInferencePass()(copy)
+    except Exception as e:  # a model the folder cannot handle is matched on its own facts
+        logger.info("constant folding of a copy failed; matching without its facts: %s", e)
+        return
+    finally:
+        folder_logger.setLevel(level)
+    folded: dict[str, ir.Value] = {v.name: v for v in copy.graph.initializers.values() if v.name}
+    for node in copy.graph:
+        for out in node.outputs:
+            if out.name:
+                folded.setdefault(out.name, out)
+    for node in model.graph:
+        for value in node.outputs:
+            twin = folded.get(value.name) if value.name else None
+            if twin is None:
+                continue
+            _adopt_dims(value, twin)
+            tensor = twin.const_value
+            if value.const_value is None and tensor is not None and tensor.size <= _FOLDED_MAX_ELEMENTS:
+                value.meta[FOLDED_META_KEY] = tensor.numpy()
+
+
+def _adopt_dims(value: ir.Value, twin: ir.Value) -> None:
+    if twin.shape is None:
+        return
+    if value.shape is None:
+        value.shape = ir.Shape([d if isinstance(d, int) else None for d in twin.shape])
+        return
+    if len(value.shape) != len(twin.shape):
+        return
+    dims = [d if isinstance(d, int) or not isinstance(t, int) else t for d, t in zip(value.shape, twin.shape)]
+    if dims != list(value.shape):
+        value.shape = ir.Shape(dims)
 
 
 def constant_array(value: ir.Value | None) -> np.ndarray | None:

@@ -32,7 +32,7 @@ from onnxscript import optimizer
 from onnxscript.rewriter import RULE_NAME_TAG, MatchingTracer, MatchStatus, pattern
 
 from ..ops import attach_functions, contract
-from . import io
+from . import _shapes, io
 from . import rules as rules_module
 from ._graphs import graph_likes, is_ours
 from . import targets as targets_module
@@ -280,6 +280,7 @@ def fuse(
     except Exception as e:  # a model onnx cannot infer still fuses where shapes are known
         logger.warning("shape inference failed, continuing with the shapes in the model: %s", e)
         report.notes.append(f"shape inference failed: {str(e).splitlines()[0][:200]}")
+    _shapes.adopt_folded_facts(ir_model)
 
     _annotate_function_inputs(ir_model)
     # The rewriter marks Constant outputs as constants in the main graph and functions

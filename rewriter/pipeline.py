@@ -301,6 +301,7 @@ def fuse(
     # Read the fused layers before lowering (a target may replace our nodes) while the
     # inferred shapes are still on the values.
     fused_layers = [_fused_layer(n) for g in graph_likes(ir_model) for n in g if is_ours(n) and n not in before]
+    snapshot.remove_new_dead_code(ir_model)  # shape reads the rules left for later layers (jax2onnx) are dead now
     targets_module.lower(ir_model, target, report)
     snapshot.remove_new_dead_code(ir_model)
     alive = {n for g in graph_likes(ir_model) for n in g}

@@ -259,6 +259,10 @@ def _pad(node: ir.Node, src: list[Dim], depth: int) -> list[Dim] | None:
 def _resize(node: ir.Node, src: list[Dim], depth: int) -> list[Dim] | None:
     if node.attributes.get("axes") is not None:
         return None
+    policy = node.attributes.get("keep_aspect_ratio_policy")
+    mode = node.attributes.get("coordinate_transformation_mode")
+    if policy is not None and policy.as_string() != "stretch" or mode is not None and mode.as_string() == "tf_crop_and_resize":
+        return None  # the output size is then not ``sizes`` / ``floor(size * scale)``: not modelled
     inputs = list(node.inputs) + [None] * 4
     sizes = int_values(inputs[3]) if inputs[3] is not None else None
     if sizes:
@@ -537,8 +541,14 @@ def adopt_folded_facts(model: ir.Model) -> None:
     inference on it gives those dims; they are facts of the original too, because the copy
     computes the same values for every input. Only integer dims are adopted (the copy's
     symbolic names are fresh and must not be compared with the original's), and only where
-    the original's dim is unknown; constants are recorded in ``Value.meta``.
+    the original's dim is unknown; constants are recorded in ``Value.meta``. Then every
+    value's dims are traced forward from the inputs (see :func:`_propagate_dims`).
     """
+    _adopt_folded(model)
+    _propagate_dims(model.graph)
+
+
+def _adopt_folded(model: ir.Model) -> None:
     copy = model.clone()
     # The folder warns about what it leaves unfolded; on our private copy that is not news.
     folder_logger = logging.getLogger(_constant_folding.__name__)
@@ -566,7 +576,6 @@ def adopt_folded_facts(model: ir.Model) -> None:
             tensor = twin.const_value
             if value.const_value is None and tensor is not None and tensor.size <= _FOLDED_MAX_ELEMENTS:
                 value.meta[FOLDED_META_KEY] = tensor.numpy()
-    _propagate_dims(model.graph)
 
 
 def _propagate_dims(graph: ir.Graph) -> None:

@@ -163,3 +163,16 @@ def test_fused_dynamic_model_matches_its_framework_at_every_size(entry):
             assert a.shape == e.shape
             np.testing.assert_allclose(a.astype(np.float64), e.astype(np.float64), rtol=tol["rtol"], atol=tol["atol"])
     assert len(sizes) == entry["data_sets"]
+
+
+@pytest.mark.parametrize("entry", entries(lambda e: "stdconv" in e["name"]))
+def test_weight_standardisation_is_not_a_group_norm(entry):
+    """The weight-standardised Convs normalise their weights at run time (a BatchNormalization
+    or ReduceMean chain over each output channel, epsilon 1e-6): only the GroupNorms fuse,
+    each with its own epsilon, and the standardisation stays as exported."""
+    model = load(entry)
+    fused, report = fuse(model)
+    assert sorted(f.epsilon for f in report.fused) == pytest.approx(sorted(layer["epsilon"] for layer in entry["layers"]))
+    before = [n.op_type for n in model.graph.node if n.op_type in ("BatchNormalization", "ReduceMean")]
+    after = [n.op_type for n in fused.graph.node if n.op_type in ("BatchNormalization", "ReduceMean")]
+    assert before and after == before

@@ -109,10 +109,13 @@ class Grouping:
     """How a Reshape groups its input: channel ``axis`` of ``x`` split into (groups, C/groups)."""
 
     x: ir.Value  # the normalised tensor (the Reshape input, or what an Unsqueeze(x, [0]) read)
-    x_dims: tuple  # symbolic dims of x
+    x_dims: tuple  # symbolic dims of x (``merged``: of the (rows, C) view of x)
     axis: int  # non-negative channel axis of x; the group axis of the grouped tensor
     groups: int
     channels: int
+    #: The Reshape also absorbed the one before it: it maps ``x`` of any shape to
+    #: (rows, G, C/G), the group split of the (rows, C) view ``Reshape(x, [-1, C])``.
+    merged: bool = False
 
     @property
     def rank(self) -> int:
@@ -168,6 +171,10 @@ def groupings(reshaped: ir.Value) -> tuple[list[Grouping], str | None]:
     if target_dims is None:
         return [], f"the grouping Reshape target {target.name!r} cannot be evaluated"
     out = _shapes.reshape_dims(source_dims, target_dims, allowzero)
+    if out is not None and len(out) != len(x_dims) + 1 and source is x:
+        merged = _merged_grouping(x, out)
+        if merged is not None:
+            return [merged], None
     if out is None or len(out) != len(x_dims) + 1:
         return [], f"Reshape {node.name!r} does not add exactly one axis (target {target_dims})"
     found = []
@@ -185,6 +192,18 @@ def groupings(reshaped: ir.Value) -> tuple[list[Grouping], str | None]:
     return found, None
 
 
+def _merged_grouping(x: ir.Value, out: list) -> Grouping | None:
+    """A rank-3 ``(rows, G, C/G)`` output with static G and C/G from an input of another
+    rank: Keras' rank-2 grouping Reshape with the reshape before it merged in (RWKV-7's
+    ``ln_x`` on ``(B*T, C)``, from ``(B, T, H, N)``). Reshapes keep the row-major order, so
+    this is the group split of ``Reshape(x, [-1, C])`` whatever x's shape."""
+    if len(out) != 3 or not all(isinstance(d, int) and d >= 1 for d in out[1:]):
+        return None
+    groups, per_group = out[1], out[2]
+    rows = out[0] if out[0] is not _shapes.INFER else _shapes.Sym(("rows", id(x)))
+    return Grouping(x, (rows, groups * per_group), 1, groups, groups * per_group, merged=True)
+
+
 def per_channel_param(value: ir.Value, grouping: Grouping, what: str) -> tuple[np.ndarray | ir.Value | None, str | None]:
     """gamma or beta as a per-channel [C] array (constant) or [C] value (computed).
 
@@ -199,13 +218,8 @@ def per_channel_param(value: ir.Value, grouping: Grouping, what: str) -> tuple[n
             return None, why
         value = value.producer().inputs[0]
     expected = grouping.param_shape()
-    array = _shapes.numpy_of(value)
-    if array is not None:
-        shape = [1] * (len(expected) - array.ndim) + list(array.shape)
-        if shape != expected:
-            return None, f"{what} has shape {list(array.shape)}, not the grouped layout {expected}"
-        return array.reshape(-1), None
     node = value.producer()
+    # A Reshape first, even when folding knows its value: its [C] input is kept as it is.
     if node is not None and node.op_type == "Reshape":
         source = node.inputs[0]
         target = _shapes.int_values(node.inputs[1])
@@ -220,4 +234,10 @@ def per_channel_param(value: ir.Value, grouping: Grouping, what: str) -> tuple[n
         if why:
             return None, why
         return source, None
+    array = _shapes.numpy_of(value)
+    if array is not None:
+        shape = [1] * (len(expected) - array.ndim) + list(array.shape)
+        if shape != expected:
+            return None, f"{what} has shape {list(array.shape)}, not the grouped layout {expected}"
+        return array.reshape(-1), None
     return None, f"{what} is neither a constant nor a Reshape of a [C] vector"

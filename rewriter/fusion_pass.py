@@ -34,6 +34,7 @@ from onnxscript.rewriter import RULE_NAME_TAG, MatchingTracer, MatchStatus, patt
 
 from .. import ops
 from ..ops import builder, contract, functions
+from . import _shapes
 from . import rules as rules_module
 from . import targets as targets_module
 from ._graphs import graph_likes, is_our_function, is_ours
@@ -164,6 +165,9 @@ def _annotate_function_inputs(model: ir.Model) -> None:
 
 def _prepare(model: ir.Model) -> str | None:
     failure = _infer_shapes(model)
+    # Dims only constant folding knows (an Identity of an initializer, constant shape
+    # arithmetic), folded on a copy: the user's graph keeps every node.
+    _shapes.adopt_folded_facts(model)
     _annotate_function_inputs(model)
     # The rewriter marks Constant outputs as constants in the main graph and functions
     # only; subgraphs (If/Loop bodies) need it too for constant operands to match.
@@ -454,6 +458,7 @@ class GroupNormFusionPass(ir.passes.InPlacePass):
         # Read the fused layers before lowering (a target may replace our nodes) while the
         # inferred shapes are still on the values.
         fused_layers = [_fused_layer(n) for g in graph_likes(model) for n in g if is_ours(n) and n not in before]
+        snapshot.remove_new_dead_code(model)  # shape reads the rules left for later layers (jax2onnx) are dead now
         targets_module.lower(model, self.target, report)
         snapshot.remove_new_dead_code(model)
         report.fused = fused_layers  # graph order: main graph, its subgraphs, then functions

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from corpus import MODELS, data, default_opset, entries, load, manifest
+from corpus import MODELS, data_sets, default_opset, entries, load, manifest
 from helpers import run_ort
 
 REQUIRED = {
@@ -43,6 +43,11 @@ def test_manifest_entries_are_well_formed():
         assert {"rtol", "atol"} <= set(m["tolerance"]) and 0 < m["tolerance"]["rtol"] < 0.1 and 0 < m["tolerance"]["atol"] < 0.1
         for spec in m["inputs"]:
             assert all(d is None or isinstance(d, (int, str)) for d in spec["shape"]), m["name"]
+        # several data sets only for a model with a dynamic input dim (other sizes to run at)
+        assert m.get("data_sets", 1) == 1 or (
+            isinstance(m["data_sets"], int) and m["data_sets"] > 1
+            and any(not isinstance(d, int) for spec in m["inputs"] for d in spec["shape"])
+        ), m["name"]
     for failure in manifest()["failures"]:
         assert failure.get("route") and failure.get("error"), failure
 
@@ -77,9 +82,9 @@ def test_model_runs_and_matches_its_framework(entry):
         onnx.checker.check_model(model, full_check=True)
     assert default_opset(model) == entry["opset"]
     assert [i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}] == [i["name"] for i in entry["inputs"]]
-    inputs, expected = data(entry)
-    actual = run_ort(model, *inputs)
     tol = entry["tolerance"]
-    for a, e in zip(actual, expected, strict=True):
-        assert a.dtype == e.dtype and a.shape == e.shape
-        np.testing.assert_allclose(a.astype(np.float64), e.astype(np.float64), rtol=tol["rtol"], atol=tol["atol"])
+    for inputs, expected in data_sets(entry):
+        actual = run_ort(model, *inputs)
+        for a, e in zip(actual, expected, strict=True):
+            assert a.dtype == e.dtype and a.shape == e.shape
+            np.testing.assert_allclose(a.astype(np.float64), e.astype(np.float64), rtol=tol["rtol"], atol=tol["atol"])

@@ -65,7 +65,8 @@ def jax_group_norm(
     fallback="auto",  # "auto" | an array for the Where's else branch
     cast_out_to=None,  # override the Cast before the final Reshape (float16 policies)
     gamma_layout=None,  # override the gamma Reshape target
-    extra_output=None,  # "mean" | "sum": an intermediate also feeds a Relu graph output; "shape": Shape(sum) is one
+    extra_output=None,  # "mean" | "sum": an intermediate also feeds a Relu graph output; "shape": Shape(sum) is one;
+    # "grouped_shape": Shape(grouped tensor) feeds a Greater outside the subgraph
     sum_keepdims=0,
     drop_count_factor=False,  # the run-time count (dyn="hw") misses a spatial dim
     epsilon_shape=(),
@@ -169,6 +170,14 @@ def jax_group_norm(
     if extra_output == "shape":
         g.nodes.append(helper.make_node("Shape", [s], ["extra"], name="extra_n"))
         outputs.append(helper.make_tensor_value_info("extra", TensorProto.INT64, [1 + rank if sum_keepdims else 2]))
+    elif extra_output == "grouped_shape":
+        # another layer's guard reads the grouped tensor's shape (jax2onnx shares equal shape
+        # computations between layers): Greater(dim 1, 0) -> Cast -> graph output
+        g.nodes.append(helper.make_node("Shape", [xs], ["xs_shape"], name="shared_shape"))
+        g.nodes.append(helper.make_node("Gather", ["xs_shape", g.ints([1])], ["xs_dim1"], name="shared_gather"))
+        g.nodes.append(helper.make_node("Greater", ["xs_dim1", g.ints([0])], ["xs_positive"], name="shared_greater"))
+        g.nodes.append(helper.make_node("Cast", ["xs_positive"], ["extra"], name="extra_n", to=TensorProto.FLOAT))
+        outputs.append(helper.make_tensor_value_info("extra", TensorProto.FLOAT, [1]))
     elif extra_output:
         source = {"mean": mean, "sum": s}[extra_output]
         g.nodes.append(helper.make_node("Relu", [source], ["extra"], name="extra_n"))
@@ -274,6 +283,24 @@ def test_near_misses_are_reported(kwargs, reason):
     kwargs = {"dyn": "batch", "groups": 4, **kwargs}
     model, _, _ = jax_group_norm((2, 6, 4, 8), **kwargs)
     assert reason in _skipped(model)
+
+
+@pytest.mark.parametrize("dyn", ["batch", "hw"])
+def test_shape_read_shared_with_the_graph_stays_for_it(dyn, rng):
+    """The grouped tensor's Shape also feeds a Greater outside the subgraph: the fused op
+    replaces the subgraph, and the grouping Reshape and that shape chain stay for the Greater."""
+    shape, groups = (2, 6, 4, 8), 4
+    model, gamma, beta = jax_group_norm(shape, groups, dyn=dyn, extra_output="grouped_shape")
+    fused, report = fuse(model)
+    assert len(_ours(fused)) == 1 and report.skipped == []
+    kept = {n.name for n in fused.graph.node}
+    assert {"shared_shape", "shared_gather", "shared_greater", "extra_n"} <= kept
+    assert [n.op_type for n in fused.graph.node if n.op_type in ("ReduceMean", "ReduceSum", "ReduceSumSquare", "Where")] == []
+    x = rng.normal(0.5, 2.0, shape).astype(np.float32)
+    y, extra = run_ort(fused, x)
+    ok, worst = tolerance_for(np.float32).check(y, ops.group_normalization(x, gamma, beta, groups=groups, axis=-1, epsilon=1e-3))
+    assert ok, worst
+    np.testing.assert_array_equal(extra, run_ort(model, x)[1])  # the other reader sees what it saw
 
 
 def test_count_must_follow_dynamic_spatial_dims():

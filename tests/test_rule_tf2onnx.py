@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers import run_ort
 from keras_graphs import (
     F16,
     F32,
@@ -15,11 +16,14 @@ from keras_graphs import (
     Builder,
     assert_fused,
     assert_skipped,
+    attrs_of,
     keras_group_norm,
     ours,
     random_input,
+    reference,
     tf_dynamic_out_target,
 )
+from onnx_groupnorm.ops.tolerances import tolerance_for
 from onnx_groupnorm.rewriter import fuse
 from onnx_groupnorm.rewriter.rules._keras import VARIANT_SUFFIX
 
@@ -283,3 +287,56 @@ def test_intermediate_graph_output_is_not_fused():
     model = b.model([("x", F32, ["N", 8, 8, 16])], [(gn.y, F32, ["N", 8, 8, 16]), (mean, F32, None)])
     fused, report = fuse(model, target="function")
     assert ours(fused) == [] and report.fused == []
+
+
+# -- a grouping Reshape that absorbed the reshape before it (RWKV-7 ln_x) ---------------------
+
+
+def merged_model(*, grouping=(16, 4, 64), out_target=(1, 16, 256), **kwargs):
+    """Keras' rank-2 GroupNormalization(groups=4) on the (B*T, C) = (16, 256) view of a
+    (1, 16, 4, 64) tensor; tf2onnx merges the reshape to (16, 256) into the grouping one and
+    the closing one into the reshape back to (1, 16, 256)."""
+    b = Builder()
+    gn = keras_group_norm(b, "x", (16, 256), 4, tf_moments("gap"), group_source="x4", grouping=list(grouping),
+                          out_target=list(out_target), epsilon=64e-5, **kwargs)
+    return b.model([("x4", F32, [1, 16, 4, 64])], [(gn.y, F32, None)]), gn
+
+
+@pytest.mark.parametrize(
+    "grouping, out_target",
+    [((16, 4, 64), (1, 16, 256)), ((-1, 4, 64), (1, 16, 256)), ((-1, 4, 64), (-1, 256))],
+    ids=["static", "inferred-rows", "closing-to-rows-c"],
+)
+def test_grouping_reshape_that_absorbed_the_one_before_it(grouping, out_target, rng):
+    model, gn = merged_model(grouping=grouping, out_target=out_target)
+    fused, report = fuse(model)
+    assert report.skipped == [] and len(ours(fused)) == 1
+    assert [n.op_type for n in fused.graph.node] == ["Reshape", "GroupNormalization", "Reshape"]
+    attrs = attrs_of(ours(fused)[0])
+    assert attrs["groups"] == 4 and attrs["axis"] == -1 and report.fused[0].channels == 256
+    x4 = rng.normal(0.5, 2.0, (1, 16, 4, 64)).astype(np.float32)
+    (actual,) = run_ort(fused, x4)
+    expected = reference(x4.reshape(16, 256), gn).reshape(actual.shape)
+    assert actual.size == expected.size
+    ok, worst = tolerance_for(np.float32).check(actual, expected)
+    assert ok, worst
+
+
+@pytest.mark.parametrize(
+    "kwargs, reason",
+    [
+        ({"gamma_array": np.ones((1, 64, 4), np.float32)}, "gamma has shape [1, 64, 4], not the grouped layout [1, 4, 64]"),
+        ({"out_target": (1, 0, 256)}, "may copy a dim of the grouped tensor"),
+        ({"axes": [1, 2]}, "reduces axes [1, 2], not [2]"),
+    ],
+    ids=["gamma-layout", "closing-copies-a-dim", "moments-over-groups"],
+)
+def test_merged_grouping_near_misses(kwargs, reason):
+    if "axes" in kwargs:  # GlobalAveragePool always reduces [2]: state the axes with ReduceMean
+        b = Builder()
+        gn = keras_group_norm(b, "x", (16, 256), 4, tf_moments("attr"), group_source="x4", grouping=[16, 4, 64],
+                              out_target=[1, 16, 256], **kwargs)
+        model = b.model([("x4", F32, [1, 16, 4, 64])], [(gn.y, F32, None)])
+    else:
+        model, _ = merged_model(**kwargs)
+    assert_skipped(model, reason)

@@ -25,7 +25,7 @@ def torch_group_norm(
     eps=1e-5,
     affine="random",  # "random" | "ts_none" ([[[1.0]]]/[[[0.0]]]) | "ones" (ones/zeros [C,1..])
     dyn_batch=False,
-    restore="shape",  # "shape" (Shape(x)) | "const"
+    restore="shape",  # "shape" (Shape(x)) | "const" | "none" (no restoring Reshape: dynamo, static shapes)
     layout="c11",  # gamma/beta as [C,1,..] | "1c11" as [1,C,1,..]
     in_affine=None,  # (scale[G], B[G]) instead of ones/zeros
     ops_=("Mul", "Add"),
@@ -63,10 +63,12 @@ def torch_group_norm(
     ]
     if restore == "shape":
         nodes.append(helper.make_node("Shape", ["x"], ["x_shape"], name="gn_shape"))
-    else:
+    elif restore == "const":
         inits.append(numpy_helper.from_array(np.array(shape, np.int64), "x_shape"))
-    nodes.append(helper.make_node("Reshape", ["n", "x_shape"], ["r"], name="gn_restore"))
-    last = "r"
+    last = "n"
+    if restore != "none":
+        nodes.append(helper.make_node("Reshape", ["n", "x_shape"], ["r"], name="gn_restore"))
+        last = "r"
     for op_type, param in zip(("Mul", "Add"), ("gamma", "beta")):
         if op_type in ops_:
             inputs = [param, last] if commuted else [last, param]
@@ -174,6 +176,53 @@ def test_full_chain_is_taken_by_the_full_rule():
     model, _, _ = torch_group_norm((2, 8, 4, 4), 4)
     _, report = fuse(model)
     assert [f.rule for f in report.fused] == ["TorchInstanceNormGroupNormFusion"]
+
+
+# -- without the restoring Reshape (GroupNorm(C, C) on N x C x T, dynamo with static shapes) --
+
+
+def _share_in_affine(model):
+    """Another node (standing in for a LayerNorm) also reads the InstanceNormalization's scale/bias."""
+    model.graph.node.append(helper.make_node("Add", ["in_scale", "in_bias"], ["shared"], name="other_layer"))
+    model.graph.output.append(helper.make_tensor_value_info("shared", TensorProto.FLOAT, None))
+    return model
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{}, {"dyn_batch": True}, {"target": [1, 16, 10]}, {"ops_": ()}, {"commuted": True}],
+    ids=["static", "dynbatch", "static-target", "no-affine", "commuted"],
+)
+def test_unrestored_groups_equal_channels_fuses(kwargs, rng):
+    shape = (1, 16, 10)
+    model, gamma, beta = torch_group_norm(shape, 16, restore="none", **kwargs)
+    fused, report = fuse(_share_in_affine(model))
+    assert report.skipped == []
+    (node,) = ours(fused)
+    assert [f.rule.startswith("TorchInstanceNormGroupNormFusionUnrestored") for f in report.fused] == [True]
+    assert {"in_scale", "in_bias"} <= {i.name for i in fused.graph.initializer}  # still read by other_layer
+    x = rng.normal(0.5, 2, shape).astype(np.float32)
+    with_affine = kwargs.get("ops_") != ()
+    assert_matches_reference(fused, x, gamma if with_affine else None, beta if with_affine else None, 16, 1e-5)
+
+
+def test_restoring_reshape_is_left_to_the_full_rule():
+    model, _, _ = torch_group_norm((1, 16, 10), 16)
+    _, report = fuse(model)
+    assert [f.rule for f in report.fused] == ["TorchInstanceNormGroupNormFusion"]
+
+
+@pytest.mark.parametrize(
+    "shape, groups, target",
+    [((1, 16, 10), 8, None), ((1, 16, 4, 4), 16, None), ((1, 16, 10), 16, [0, 16, 2, -1])],
+    ids=["fewer-groups", "rank4", "rank4-target-on-rank3"],
+)
+def test_unrestored_grouping_that_is_not_an_identity_is_rejected(shape, groups, target):
+    model, _, _ = torch_group_norm(shape, groups, restore="none", target=target)
+    del model.graph.output[0].type.tensor_type.shape.dim[:]  # the output keeps the grouped shape
+    fused, report = fuse(model)
+    assert ours(fused) == []
+    assert any("is not the input's shape" in r or "rank-3 [N, G, -1]" in r for r in reasons(report)), reasons(report)
 
 
 # -- near misses ------------------------------------------------------------------------

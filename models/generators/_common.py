@@ -282,16 +282,34 @@ def record_framework_model(name, sp, x, y, path, *, predict, rng, vers, route, f
                            dtype_policy, negative=False, label="Keras", graph_notes=None, tol_note=tf_ladder_note):
     """``check_against_framework`` (notes start with ``sp["notes"]``, end with ``tol_note``), write
     ``<path>.npz`` (``x`` and the framework output) and return the manifest entry (``sp["initial"]``
-    truthy = ``weights: initial``)."""
+    truthy = ``weights: initial``). ``sp.get("data_shapes")``: further input shapes whose inputs and
+    framework outputs are saved too (``set1_in_0`` ..., see ``save_npz``) after ORT matches them at
+    the recorded tolerance."""
     chk = check_against_framework(name, path, x, y, predict=predict, extra_shapes=sp["extra_shapes"], rng=rng,
                                   label=label, notes=[sp["notes"]], graph_notes=graph_notes)
     chk.notes.append(tol_note(vers.get("onnxruntime"), label, chk.err, chk.fp16))
-    save_npz(path.with_suffix(".npz"), [x], [chk.y])
-    return manifest_entry(
+    more = []
+    if sp.get("data_shapes"):
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = 1
+        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        for shape in sp["data_shapes"]:
+            xe = rng.standard_normal(shape).astype(x.dtype)
+            ye = np.asarray(predict(xe)).astype(chk.y.dtype)
+            ge = sess.run(None, {chk.inputs[0]["name"]: xe})[0]
+            np.testing.assert_allclose(ge.astype(np.float64), ye.astype(np.float64), rtol=chk.tol["rtol"], atol=chk.tol["atol"])
+            more.append(([xe], [ye]))
+        chk.notes.append(f"data sets at input shapes {[list(x.shape)] + [list(s) for s in sp['data_shapes']]} "
+                         "(npz set0 = in_0/out_0, set1 = set1_in_0/set1_out_0 ...), each within the tolerance.")
+    save_npz(path.with_suffix(".npz"), [x], [chk.y], more)
+    entry = manifest_entry(
         name=name, subdir=path.parent.name, route=route, family=family, exporter=exporter, frameworks=vers,
         python=python_version(), opset=chk.opset, dtype_policy=dtype_policy, inputs=chk.inputs,
         outputs=chk.outputs, layers=layers, negative=negative,
         weights="initial" if sp["initial"] else "random", tolerance=chk.tol, notes=chk.notes)
+    if more:
+        entry["data_sets"] = 1 + len(more)
+    return entry
 
 
 def check_against_reference(path, m, x, y, label):

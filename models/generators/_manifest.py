@@ -56,14 +56,19 @@ def update_manifest(generator: str, models: list[dict], failures: list[dict]) ->
         _atomic_write_text(MANIFEST, json.dumps(data, indent=1, sort_keys=True) + "\n")
 
 
-def save_npz(path: pathlib.Path, inputs: list, outputs: list) -> None:
+def save_npz(path: pathlib.Path, inputs: list, outputs: list, more_sets: list = ()) -> None:
     """Save inputs as ``in_0, in_1, ...`` and framework outputs as ``out_0, ...``.
 
-    The order is the ONNX graph's input and output order.
+    The order is the ONNX graph's input and output order. ``more_sets`` holds further
+    ``(inputs, outputs)`` pairs (a dynamic model at other input sizes), saved as
+    ``set1_in_0, set1_out_0, ...``; the manifest entry's ``data_sets`` counts all sets.
     """
     import numpy as np
 
     arrays = {f"in_{i}": np.asarray(a) for i, a in enumerate(inputs)}
     arrays.update({f"out_{i}": np.asarray(a) for i, a in enumerate(outputs)})
+    for k, (ins, outs) in enumerate(more_sets, start=1):
+        arrays.update({f"set{k}_in_{i}": np.asarray(a) for i, a in enumerate(ins)})
+        arrays.update({f"set{k}_out_{i}": np.asarray(a) for i, a in enumerate(outs)})
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(path, **arrays)

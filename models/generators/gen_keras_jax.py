@@ -190,6 +190,11 @@ spec("keras_jax_export_resblock_gn3",
      res_block, (2, 8, 8, 16), initial={"gn_out_init"},
      notes="Conv-GN(4,eps1e-5)-swish-Conv-GN(4,eps1e-5)-swish + 1x1-conv skip, residual Add, then GN(8,eps1e-6) "
            "LEFT AT INITIAL WEIGHTS (gamma=1, beta=0; layer gn_out_init) and a 1x1 Conv. gn_a/gn_b gamma/beta random.")
+spec("keras_jax_export_resblock_gn3_dynhw",
+     lambda: res_block(shape=(None, None, 16)), (2, 12, 10, 16), initial={"gn_out_init"},
+     data_shapes=[(1, 9, 7, 16)],
+     notes="res_block with Input((None,None,16)): dynamic batch, H and W. jax2onnx shares the shape computation of "
+           "equal-shaped layers: a count read from one layer's grouped tensor also feeds the next layer's guard.")
 # Expected failures (recorded in `failures`).
 spec("keras_jax_export_ndhwc_r5_g4_conv3d",
      lambda: conv_gn((4, 4, 4, 8), 16, 4, rank=5), (2, 4, 4, 4, 8), expect_fail=True,

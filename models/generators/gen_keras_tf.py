@@ -131,6 +131,28 @@ def resblock(shape, ch, groups, eps=1e-6):
     return keras.Model(i, out)
 
 
+def unet(shape, ch, groups, eps=1e-5):
+    """A small UNet: Conv-GN-swish, stride-2 Conv-GN-swish, 2x UpSampling2D + Conv, skip Concatenate, GN over 2C,
+    Conv to 3 channels (even H/W: the skip needs the upsampled size back)."""
+    i = keras.Input(shape, name="x")
+    a = L.Conv2D(ch, 3, padding="same")(i)
+    h = L.Activation("swish")(gn(groups, epsilon=eps)(a))
+    h = L.Conv2D(ch, 3, strides=2, padding="same")(h)
+    h = L.Activation("swish")(gn(groups, epsilon=eps)(h))
+    h = L.Conv2D(ch, 3, padding="same")(L.UpSampling2D(2)(h))
+    h = L.Concatenate()([a, h])
+    h = L.Activation("swish")(gn(groups, epsilon=eps)(h))
+    return keras.Model(i, L.Conv2D(3, 3, padding="same")(h))
+
+
+def ln_x(steps, heads, head_size):
+    """RWKV-7's ``ln_x``: GroupNormalization(groups=heads) on the (B*T, C) view of (B, T, H, N), back to (B, T, C)."""
+    i = keras.Input((steps, heads, head_size), name="x")
+    rows = keras.ops.reshape(i, (-1, heads * head_size))
+    y = gn(heads, epsilon=64e-5)(rows)
+    return keras.Model(i, keras.ops.reshape(y, (-1, steps, heads * head_size)))
+
+
 def vae_backbone():
     from keras_hub.src.models.vae.vae_backbone import VAEBackbone
 
@@ -269,6 +291,21 @@ spec("keras_tf_fromkeras_keras_hub_vae_decoder_dynhw", lambda: vae_decoder((None
            "sample_channels=4).decoder on Input((None,None,2)) (2 latent channels): dynamic batch/H/W, GroupNormalization(groups=32, "
            "eps=1e-6) layers (resnet blocks, mid attention, output norm), Conv weights random seeded, GN gamma/beta "
            "random; from_keras opset 17.")
+spec("keras_tf_fromkeras_nhwc_r4_resblock_c32_g8_dynhw", lambda: resblock((None, None, 16), 32, 8), (1, 12, 10, 16), F,
+     signature="keras", opset=17, data_shapes=[(1, 9, 7, 16)],
+     notes="resnet block with Input((None,None,16)): dynamic batch/H/W (odd sizes too); from_keras opset 17.")
+spec("keras_tf_fromkeras_nhwc_r4_unet_c32_g8_dynhw", lambda: unet((None, None, 3), 32, 8), (1, 16, 16, 3), F,
+     signature="keras", opset=17, data_shapes=[(1, 12, 12, 3)],
+     notes="small UNet (stride-2 Conv, UpSampling2D, skip Concatenate, GN over 64 channels) with Input((None,None,3)); "
+           "even H/W; from_keras opset 17.")
+spec("keras_tf_fromkeras_lnx_rows_g4_c256", lambda: ln_x(16, 4, 64), (1, 16, 4, 64), F, opset=17,
+     data_shapes=[(2, 16, 4, 64)],
+     notes="RWKV-7 ln_x: GroupNormalization(groups=4, eps=64e-5) on the (B*T, 256) view of (B, 16, 4, 64); tf2onnx "
+           "merges the reshape to (B*T, 256) into the grouping Reshape (-> (B*T, 4, 64)) and the closing one into the "
+           "reshape back to (B, 16, 256); dynamic batch.")
+spec("keras_tf_export_lnx_rows_g4_c256", lambda: ln_x(16, 4, 64), (1, 16, 4, 64), E,
+     data_shapes=[(2, 16, 4, 64)],
+     notes="RWKV-7 ln_x as keras_tf_fromkeras_lnx_rows_g4_c256, through model.export(format='onnx').")
 spec("keras_tf_fromkeras_nhwc_r4_g4_opset21", lambda: conv_gn((8, 8, 8), 16, 4), (2, 8, 8, 8), F, opset=21,
      expect_fail=True, notes="Conv2D -> GroupNormalization(groups=4); from_keras opset=21 (tf2onnx 1.17 max is 18).")
 

@@ -79,17 +79,21 @@ EXPORTER = {
 
 def C(name, route, *, rank=4, fmt="channels_last", channels=16, groups=4, eps=1e-3, center=True,
       scale=True, policy="float32", body="conv", dyn=(), opset=None, weights="random", seed=0,
-      negative=None, spatial=8, notes=""):
+      negative=None, spatial=8, notes="", sizes=None):
     """One model configuration.
 
     body: "conv" (Conv -> GN), "plain" (GN on the input), "dense" (rank 2: Dense -> GN),
           "block" (Conv-GN-swish-Conv-GN-swish + residual Add, then a final GN),
+          "unet" (Conv, GN, stride-2 Conv, GN, 2x UpSampling + Conv, skip Concat, GN over 2C; even H/W),
+          "lnx" (RWKV-7 ln_x: GN on the (B*T, C) view of a (B, T, H, N) input, reshaped back to (B, T, C)),
           "layernorm" / "batchnorm" (negatives: Conv -> LayerNormalization / BatchNormalization).
     dyn:  which dims are dynamic in the export: subset of {"batch", "hw"}.
+    sizes: spatial sizes of the recorded data sets (several for a dynamic H/W; default: one, 12 or static).
     """
     return dict(name=name, route=route, rank=rank, fmt=fmt, channels=channels, groups=groups, eps=eps,
                 center=center, scale=scale, policy=policy, body=body, dyn=tuple(dyn), opset=opset,
-                weights=weights, seed=seed, negative=negative, spatial=spatial, notes=notes)
+                weights=weights, seed=seed, negative=negative, spatial=spatial, notes=notes,
+                sizes=tuple(sizes) if sizes else None)
 
 
 KT = "keras_export_torch_torchscript"
@@ -156,6 +160,14 @@ CONFIGS = [
     C("torch_export_keras_dynamo_ncw_r3_g2_dynbatchlen", TD, rank=3, fmt="channels_first", groups=2,
       channels=8, opset=18, dyn=("batch", "hw"), seed=55),
     C("torch_export_keras_dynamo_nhwc_r4_g16_c64_opset21", TD, channels=64, groups=16, opset=21, seed=54),
+    # --- a small UNet with dynamic H/W (issue 12): Reshape targets computed from the input's shape ---
+    C("torch_export_keras_dynamo_nhwc_unet_c32_g8_dynhw", TD, body="unet", channels=32, groups=8, opset=18,
+      dyn=("hw",), spatial=16, sizes=(16, 12), seed=56),
+    C("torch_export_keras_ts_nhwc_unet_c32_g8_dynhw", TT, body="unet", channels=32, groups=8, opset=18,
+      dyn=("hw",), spatial=16, sizes=(16, 12), seed=57),
+    # --- RWKV-7 ln_x: GN on the (B*T, C) view of (B, T, H, N); the exporter merges the reshapes around it ---
+    C("torch_export_keras_dynamo_lnx_rows_g4_c256", TD, rank=2, body="lnx", channels=256, groups=4, eps=64e-5,
+      opset=18, seed=58),
 ]
 
 
@@ -163,7 +175,9 @@ CONFIGS = [
 def feature_shape(cfg, spatial=None):
     """Input shape without batch (spatial=None: static spatial size from cfg)."""
     s = cfg["spatial"] if spatial is None else spatial
-    r, c = cfg["rank"], cfg["channels"]
+    if cfg["body"] == "lnx":
+        return (16, cfg["groups"], cfg["channels"] // cfg["groups"])  # (T, H, N)
+    r, c = cfg["rank"], cfg["channels"] if cfg["body"] != "unet" else 3
     if r == 2:
         return (c,)
     sp = (s,) * (r - 2)
@@ -203,6 +217,19 @@ def build_model(cfg):
             h = conv(c, 3, padding="same", data_format=fmt, name="conv_2")(h)
             h = keras.layers.Add()([h, skip])
             y = gn("gn_2")(h)
+        elif body == "lnx":
+            rows = keras.ops.reshape(inp, (-1, c))
+            y = keras.ops.reshape(gn("gn_0")(rows), (-1, shape[0], c))
+        elif body == "unet":
+            a = conv(c, 3, padding="same", data_format=fmt, name="conv_in")(inp)
+            h = keras.layers.Activation("swish")(gn("gn_0")(a))
+            h = conv(c, 3, strides=2, padding="same", data_format=fmt, name="down")(h)
+            h = keras.layers.Activation("swish")(gn("gn_1")(h))
+            h = keras.layers.UpSampling2D(2, data_format=fmt, name="up")(h)
+            h = conv(c, 3, padding="same", data_format=fmt, name="conv_up")(h)
+            h = keras.layers.Concatenate(axis=axis, name="skip")([a, h])
+            h = keras.layers.Activation("swish")(gn("gn_2")(h))
+            y = conv(3, 3, padding="same", data_format=fmt, name="conv_out")(h)
         elif body == "layernorm":
             y = keras.layers.LayerNormalization(axis=-1, epsilon=cfg["eps"], name="ln")(
                 conv(c, 3, padding="same", data_format=fmt, name="conv")(inp))
@@ -287,7 +314,9 @@ def export(cfg, model, x_trace, path):
                 axes[0] = Dim("batch", min=1, max=64)
             if "hw" in cfg["dyn"]:
                 for i, a in enumerate(hw_axes(cfg)):
-                    axes[a] = Dim("hw"[i] if i < 2 else f"s{i}", min=2, max=256)
+                    name = "hw"[i] if i < 2 else f"s{i}"
+                    # the UNet's skip Concat needs even sizes: declare them so
+                    axes[a] = 2 * Dim(name + name, min=2, max=128) if cfg["body"] == "unet" else Dim(name, min=2, max=256)
             kw["dynamic_shapes"] = ((axes,),)  # Keras' forward takes *args: one more tuple level
         prog = torch.onnx.export(model, (torch.from_numpy(x_trace),), dynamo=True, opset_version=opset,
                                  input_names=["x"], output_names=["y"], **kw)
@@ -303,7 +332,10 @@ def check_exporter_path(cfg, m):
     reshape_allowzero = [a.i for n in m.graph.node if n.op_type == "Reshape" for a in n.attribute
                          if a.name == "allowzero"]
     ops = {n.op_type for n in m.graph.node}
-    is_dynamo = bool(reshape_allowzero) and all(reshape_allowzero) and "Pow" in ops
+    # dynamo writes allowzero=1 on Keras' dynamic reshapes (TorchScript never writes it; a dynamic-shape graph
+    # also has scalar index Reshapes with allowzero=0) and names every node "node_<op>" (TorchScript: "/<op>")
+    dynamo_names = all(n.name.startswith("node_") for n in m.graph.node)
+    is_dynamo = (any(reshape_allowzero) or dynamo_names) and "Pow" in ops
     want_dynamo = cfg["route"] in (KD, TD)
     if is_dynamo != want_dynamo:
         raise RuntimeError(f"graph does not look like the {'dynamo' if want_dynamo else 'TorchScript'} "
@@ -311,7 +343,7 @@ def check_exporter_path(cfg, m):
 
 
 CONFIG_KEYS = ("rank", "fmt", "channels", "groups", "eps", "center", "scale", "policy", "body", "dyn", "opset",
-               "weights")
+               "weights", "sizes")
 
 
 def generate(cfg, out_dir):
@@ -327,7 +359,8 @@ def generate(cfg, out_dir):
     dyn_batch = cfg["route"] == KT or "batch" in cfg["dyn"]
     batch = 3 if dyn_batch else static_batch
     spatial = 12 if "hw" in cfg["dyn"] else None
-    x = make_input(cfg, batch, spatial, 20_000 + cfg["seed"])
+    sizes = cfg["sizes"] or (spatial,)
+    x = make_input(cfg, batch, sizes[0], 20_000 + cfg["seed"])
     model(x_trace, training=False)  # a functional model must have been called before export
 
     path = out_dir / SUBDIR / f"{name}.onnx"
@@ -340,13 +373,20 @@ def generate(cfg, out_dir):
     check_exporter_path(cfg, m)
     onnx.checker.check_model(m, full_check=True)
 
-    y = keras.ops.convert_to_numpy(model(x, training=False))
-    y, tol, maxerr, kind = common.check_against_reference(path, m, x, y, "Keras")
-    common.save_npz(path.with_suffix(".npz"), [x], [y])
+    sets = []
+    for k, size in enumerate(sizes):
+        xs = x if k == 0 else make_input(cfg, batch, size, 30_000 + 100 * k + cfg["seed"])
+        ys = keras.ops.convert_to_numpy(model(xs, training=False))
+        ys, tol_k, err_k, kind = common.check_against_reference(path, m, xs, ys, "Keras")
+        sets.append((xs, ys, tol_k, err_k))
+    tol, maxerr = max(t for *_, t, _ in sets), max(e for *_, e in sets)
+    (x, y, *_), more = sets[0], sets[1:]
+    common.save_npz(path.with_suffix(".npz"), [x], [y], [([xs], [ys]) for xs, ys, *_ in more])
 
     # groups as configured (-1 kept; Keras resolves it to C)
     layers = [common.layer_record(groups=cfg["groups"], axis=1 if cfg["fmt"] == "channels_first" else -1,
-                                  epsilon=l.epsilon, center=l.center, scale=l.scale, channels=cfg["channels"],
+                                  epsilon=l.epsilon, center=l.center, scale=l.scale,
+                                  channels=int(l.input.shape[1 if cfg["fmt"] == "channels_first" else -1]),
                                   input_rank=cfg["rank"], dtype_policy=cfg["policy"])
               for l in gn_layers(model)]
     neg = cfg["negative"]
@@ -362,6 +402,12 @@ def generate(cfg, out_dir):
         notes.append("spatial dims dynamic; test data uses spatial 12 (traced with 8 or 1).")
     if cfg["body"] == "block":
         notes.append("block: Conv-GN-swish-Conv-GN-swish-Conv + residual Add (from first conv) -> GN; 3 GN layers.")
+    if cfg["body"] == "unet":
+        notes.append("unet: Conv-GN-swish, stride-2 Conv-GN-swish, 2x UpSampling2D + Conv, skip Concatenate, GN over "
+                     "2C, Conv to 3 channels; 3 GN layers; H/W declared even (2*hh, 2*ww) for dynamo.")
+    if len(sets) > 1:
+        notes.append(f"data sets at input shapes {[list(xs.shape) for xs, *_ in sets]} (npz set0 = in_0/out_0, "
+                     f"set1 = set1_in_0/set1_out_0); the tolerance is the largest the sets need.")
     if cfg["weights"] == "initial":
         notes.append("weights left at Keras initial values (gamma=1, beta=0, conv bias=0; kernels seeded).")
     if cfg["opset"] == 21 and cfg["route"] in (KD, TD):
@@ -372,7 +418,7 @@ def generate(cfg, out_dir):
         notes.append("negative: keras BatchNormalization (inference, random moving stats); not a GroupNormalization.")
     if cfg["notes"]:
         notes.append(cfg["notes"])
-    return common.manifest_entry(
+    entry = common.manifest_entry(
         name=name, subdir=SUBDIR, route=cfg["route"], family="negative" if neg else ROUTE_FAMILY[cfg["route"]],
         exporter={"name": EXPORTER[cfg["route"]],
                   "version": f"torch {torch.__version__}" + (f", keras {keras.__version__}"
@@ -380,6 +426,11 @@ def generate(cfg, out_dir):
         frameworks=dict(FRAMEWORKS), python=PYTHON, opset=common.default_opset(m), dtype_policy=cfg["policy"],
         inputs=common.io_json(m.graph.input), outputs=common.io_json(m.graph.output), layers=layers, negative=neg,
         weights=cfg["weights"], tolerance={"rtol": tol, "atol": tol}, notes=notes)
+    if len(sets) > 1:
+        entry["data_sets"] = len(sets)
+    if cfg["body"] == "unet":
+        entry["ops_outside_group_norms"] = ["Expand", "Where"]  # UpSampling2D's, not a GroupNorm's
+    return entry
 
 
 def main(argv=None):

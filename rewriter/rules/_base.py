@@ -32,6 +32,10 @@ class Fusion:
     beta: Param
     name: str  # the new node's name (from the matched nodes; unique once they are removed)
     in_function: bool = False  # functions have no initializers: constants become Constant nodes
+    #: ``x`` is first reshaped to ``[-1, channels]`` (a grouping Reshape that absorbed the one
+    #: before it), and the result reshaped by ``after`` = (target value, allowzero) if given.
+    flatten: bool = False
+    after: tuple[ir.Value, int] | None = None
 
 
 class GroupNormFusionBase(pattern.RewriteRuleClassBase):
@@ -61,7 +65,13 @@ class GroupNormFusionBase(pattern.RewriteRuleClassBase):
             fusion.rank, fusion.axis, int(dtype), gamma is not None, beta is not None,
             channels=fusion.channels, groups=fusion.groups,
         )
-        inputs = [fusion.x, gamma, beta]
+        x = fusion.x
+        if fusion.flatten:
+            rows_c = ir.tensor(np.array([-1, fusion.channels], np.int64), name=f"{fusion.name}_rows_c")
+            shape = op.Constant(value=rows_c) if fusion.in_function else op.initializer(rows_c, name=rows_c.name)
+            x = op.Reshape(x, shape, _name=f"{fusion.name}_rows")
+            x.dtype, x.shape = fusion.x.dtype, ir.Shape([None, fusion.channels])  # what the targets read
+        inputs = [x, gamma, beta]
         while inputs[-1] is None:
             inputs.pop()
         # Absent optional inputs are empty names; trailing ones are dropped.
@@ -75,4 +85,7 @@ class GroupNormFusionBase(pattern.RewriteRuleClassBase):
             epsilon=fusion.epsilon,
         )
         result.producer().overload = variant.overload
+        if fusion.after is not None:
+            target, allowzero = fusion.after
+            result = op.Reshape(result, target, allowzero=allowzero, _name=f"{fusion.name}_restore")
         return result

@@ -163,10 +163,18 @@ class KerasGroupNormFusionBase(GroupNormFusionBase):
         if target is None:
             return result.fail("the final Reshape target cannot be evaluated", out_shape)
         allowzero = reshape.attributes.get("allowzero")
-        grouped = _match.grouped_dims(list(grouping.x_dims), grouping.axis, grouping.groups)
-        restored = _shapes.reshape_dims(grouped, target, bool(allowzero.as_int()) if allowzero else False)
-        if restored is None or not _shapes.same_dims(restored, list(grouping.x_dims)):
-            return result.fail(f"the final Reshape (target {target}) does not restore the input shape {list(grouping.x_dims)}", out_shape)
+        allowzero = bool(allowzero.as_int()) if allowzero else False
+        if grouping.merged:
+            # The final Reshape may have absorbed the one after it too: it is re-emitted after
+            # our op on (rows, C). Same elements, same row-major order: the same result, unless
+            # a 0 copies a dim (rows is the only dim the two inputs share).
+            if not allowzero and any(not isinstance(t, int) or t == 0 for t in target[1:]):
+                return result.fail(f"the final Reshape (target {target}) may copy a dim of the grouped tensor (a 0 after the first entry)", out_shape)
+        else:
+            grouped = _match.grouped_dims(list(grouping.x_dims), grouping.axis, grouping.groups)
+            restored = _shapes.reshape_dims(grouped, target, allowzero)
+            if restored is None or not _shapes.same_dims(restored, list(grouping.x_dims)):
+                return result.fail(f"the final Reshape (target {target}) does not restore the input shape {list(grouping.x_dims)}", out_shape)
         self._fusion = Fusion(
             x=x_in,
             rank=grouping.rank,
@@ -178,5 +186,7 @@ class KerasGroupNormFusionBase(GroupNormFusionBase):
             beta=params["beta"],
             name=xg.producer().name or reshape.name or y.name or "group_norm",
             in_function=isinstance(context.graph_or_function, ir.Function),
+            flatten=grouping.merged,
+            after=(out_shape, int(allowzero)) if grouping.merged else None,
         )
         return result

@@ -45,6 +45,7 @@ computes only from such ``Shape`` reads and feeds only the subgraph (it dies wit
 from __future__ import annotations
 
 import collections
+import dataclasses
 
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
@@ -67,68 +68,112 @@ _INT_TYPES = frozenset({ir.DataType.INT32, ir.DataType.INT64})
 # -- helpers (candidates for _match/_shapes) ---------------------------------------------
 
 
-def _shape_closure(nodes, y: ir.Value) -> tuple[list[ir.Node], str | None]:
-    """Nodes outside ``nodes`` that read a matched intermediate and die with ``nodes``.
+#: Matched nodes that may stay in the graph when a shape computation outside the subgraph
+#: reads their output: they copy no data (the grouping Reshape of ``x``).
+_KEEPABLE = frozenset({"Reshape", "Identity", "Squeeze", "Unsqueeze"})
+
+
+@dataclasses.dataclass
+class _ShapeReads:
+    """What :func:`_shape_closure` found: nodes to remove with the match, matched nodes to keep."""
+
+    claimed: list = dataclasses.field(default_factory=list)
+    kept: set = dataclasses.field(default_factory=set)
+    reason: str | None = None
+
+
+def _shape_closure(nodes, y: ir.Value) -> _ShapeReads:
+    """Shape computations outside ``nodes`` that read a matched intermediate.
 
     Every outside consumer of an intermediate (a matched node's output other than ``y``)
-    must be a ``Shape``; everything computed from those reads (forward, stopping at matched
-    nodes) must be a shape op, produce no graph output, and end in matched nodes only.
-    Returns ``(claimed nodes, None)`` or ``([], reason)``.
+    must be a ``Shape``; the shape ops computed from those reads (forward, stopping at
+    matched nodes) that end in matched nodes only die with the match (``claimed``). jax2onnx
+    shares such computations between layers of equal shape: one that is also read elsewhere
+    (another layer's ``Greater``, a graph output) stays for those readers, and so do the
+    matched nodes it reads (``kept``), which must copy no data: the other readers then see
+    the same values as before, and the fused op does not need them.
     """
     matched = set(nodes)
-    claimed: list[ir.Node] = []
-    seen: set[ir.Node] = set()
-    frontier: list[ir.Node] = []
+    shape_reads: list[ir.Node] = []
     for node in nodes:
         for value in node.outputs:
             if value is y:
                 continue
             if value.is_graph_output():
-                return [], f"intermediate {value.name!r} is a graph output"
+                return _ShapeReads(reason=f"intermediate {value.name!r} is a graph output")
             for consumer, _ in value.uses():
-                if consumer in matched or consumer in seen:
+                if consumer in matched or consumer in shape_reads:
                     continue
                 if consumer.op_type != "Shape" or consumer.domain not in ("", "ai.onnx"):
-                    return [], f"intermediate {value.name!r} is used outside the subgraph by {consumer.op_type} {consumer.name!r}"
-                seen.add(consumer)
-                frontier.append(consumer)
+                    return _ShapeReads(reason=f"intermediate {value.name!r} is used outside the subgraph by {consumer.op_type} {consumer.name!r}")
+                shape_reads.append(consumer)
+    closure: list[ir.Node] = []
+    seen: set[ir.Node] = set(shape_reads)
+    frontier = list(shape_reads)
+    escaping: set[ir.Node] = set()
+    outside_reader = None
     while frontier:
         node = frontier.pop()
-        claimed.append(node)
-        if len(claimed) > _MAX_SHAPE_NODES:
-            return [], "too many shape computations read intermediates of the subgraph"
+        closure.append(node)
+        if len(closure) > _MAX_SHAPE_NODES:
+            return _ShapeReads(reason="too many shape computations read intermediates of the subgraph")
         for value in node.outputs:
             if value.is_graph_output():
-                return [], f"{node.op_type} {node.name!r} reads an intermediate and is a graph output"
+                escaping.add(node)
+                outside_reader = outside_reader or f"{node.op_type} {node.name!r} reads an intermediate and is a graph output"
             for consumer, _ in value.uses():
                 if consumer in matched or consumer in seen:
                     continue
                 if consumer.op_type not in _SHAPE_OPS or consumer.domain not in ("", "ai.onnx"):
-                    return [], (
+                    escaping.add(node)
+                    outside_reader = outside_reader or (
                         f"{consumer.op_type} {consumer.name!r} computes from the shape of an intermediate "
                         "and is used outside the subgraph"
                     )
+                    continue
                 seen.add(consumer)
                 frontier.append(consumer)
-    return claimed, None
+    # A node escapes when any of its readers does (the closure is a DAG: iterate to a fixpoint).
+    changed = bool(escaping)
+    while changed:
+        changed = False
+        for node in closure:
+            if node not in escaping and any(c in escaping for v in node.outputs for c, _ in v.uses()):
+                escaping.add(node)
+                changed = True
+    kept: set[ir.Node] = set()
+    stack = [read.inputs[0].producer() for read in shape_reads if read in escaping]
+    while stack:
+        node = stack.pop()
+        if node is None or node not in matched or node in kept:
+            continue
+        if node.op_type not in _KEEPABLE or node.domain not in ("", "ai.onnx"):
+            return _ShapeReads(reason=outside_reader)
+        kept.add(node)
+        stack.extend(v.producer() for v in node.inputs if v is not None)
+    return _ShapeReads(claimed=[n for n in closure if n not in escaping], kept=kept)
 
 
 class _ShapeReadsClaimingMatcher(pattern.SimplePatternMatcher):
     """The simple matcher, plus the ``Shape``-only computations that die with the match.
 
-    It matches without the default "no other uses" test and adds the nodes of
-    :func:`_shape_closure` to the match, so the rewrite removes them with the subgraph. When
-    an intermediate has another use it adds nothing: the rule's ``check`` then fails with
-    the reason.
+    It matches without the default "no other uses" test and adds the claimed nodes of
+    :func:`_shape_closure` to the match, so the rewrite removes them with the subgraph, and
+    takes the kept ones out of it. When an intermediate has another use it changes nothing:
+    the rule's ``check`` then fails with the reason.
     """
 
     def match(self, model, graph_or_function, node, *, verbose=0, remove_nodes=True, tracer=None):
         result = super().match(model, graph_or_function, node, verbose=verbose, remove_nodes=False, tracer=tracer)
         if result and remove_nodes:
-            extra, why = _shape_closure(result.nodes, result.outputs[0] if result.outputs else None)
-            if why is None:
-                for extra_node in extra:
+            reads = _shape_closure(result.nodes, result.outputs[0] if result.outputs else None)
+            if reads.reason is None:
+                for extra_node in reads.claimed:
                     result.add_node(extra_node)
+                if reads.kept:
+                    # onnxscript has no public way to unmatch a node: edit the match's own list
+                    matched = result._current_match._matched_nodes
+                    matched[:] = [n for n in matched if n not in reads.kept]
         return result
 
 
@@ -151,9 +196,8 @@ def _factors(dim, alias: dict) -> tuple[int, collections.Counter] | None:
             coef *= part[0]
             syms += part[1]
         return coef, syms
-    if isinstance(dim, _shapes.Sym):
-        return 1, collections.Counter([dim])
-    return None
+    # a symbol, or an expression we do not factor (a Conv's output size): one factor
+    return 1, collections.Counter([dim])
 
 
 def _scalar_shape(value: ir.Value, rank: int) -> bool:
@@ -206,10 +250,16 @@ class KerasJaxGroupNormFusion(KerasGroupNormFusionBase):
         result = super().check(context, **bindings)
         if not result:
             return result
-        _, why = _shape_closure(context.nodes, bindings["y"])
-        if why:
-            return pattern.MatchResult().fail(why)
+        reads = _shape_closure(context.nodes, bindings["y"])
+        if reads.reason:
+            return pattern.MatchResult().fail(reads.reason)
+        if reads.kept:  # the matcher takes them out of the match; never remove what others read
+            names = sorted(n.name or n.op_type for n in reads.kept)
+            return pattern.MatchResult().fail(f"{names} would be removed while a shape computation outside reads them")
         matched = set(context.nodes)
+        if bindings["xg"].producer() not in matched:
+            # the grouping Reshape stays for an outside shape read: our node takes another name
+            self._fusion.name = bindings["y"].producer().name or f"{self._fusion.name}_group_norm"
         for name in ("gamma", "beta"):
             param = getattr(self._fusion, name)
             if isinstance(param, ir.Value) and param.producer() in matched:

@@ -21,6 +21,20 @@ Variants (constructor flags ``scale``/``center``) cover graphs where an optimise
 dropped the identity Mul or Add; a variant without the Mul (Add) defers to the fuller rule
 when the next node is a Mul (Add) by a per-channel constant, because the rewriter visits the
 shorter pattern's anchor first.
+
+Without the restoring Reshape (flag ``restore=False``): with ``groups == channels`` on a
+rank-3 ``N x C x T`` input (audio feature encoders' ``nn.GroupNorm(512, 512)``) the grouping
+Reshape ``[0, C, -1]`` is a shape identity, so is the restoring one, and the dynamo exporter's
+optimiser drops the latter when shapes are static::
+
+    n = InstanceNormalization(Reshape(x, [0, C, -1]), ones[C], zeros[C])
+    y = Add(Mul(n, gamma[C,1]), beta[C,1])
+
+``check`` proves the grouping Reshape's output has exactly x's dims (anything else, e.g.
+fewer groups than channels or a rank-4 input, would leave the grouped layout in place and is
+rejected). The InstanceNormalization's scale/bias may be initializers other nodes also read:
+they are only read, and they stay for those nodes. A variant without the restoring Reshape
+defers to the fuller rules when the InstanceNormalization's only use is a Reshape.
 """
 
 from __future__ import annotations
@@ -62,18 +76,21 @@ def _per_channel(value: ir.Value, rank: int, channels: int, what: str) -> tuple[
 
 
 class TorchInstanceNormGroupNormFusion(GroupNormFusionBase):
-    """torch.nn.GroupNorm exported as Reshape -> InstanceNormalization -> Reshape [-> Mul] [-> Add]."""
+    """torch.nn.GroupNorm exported as Reshape -> InstanceNormalization [-> Reshape] [-> Mul] [-> Add]."""
 
-    def __init__(self, *, scale: bool = True, center: bool = True, name: str | None = None):
+    def __init__(self, *, scale: bool = True, center: bool = True, restore: bool = True, name: str | None = None):
         self.scale = scale
         self.center = center
+        self.restore = restore
         suffix = {(True, True): "", (True, False): "NoBeta", (False, True): "NoGamma", (False, False): "NoAffine"}
-        super().__init__(name or f"{type(self).__name__}{suffix[(scale, center)]}")
+        unrestored = "" if restore else "Unrestored"
+        super().__init__(name or f"{type(self).__name__}{unrestored}{suffix[(scale, center)]}")
 
     def pattern(self, op, x, group_shape, in_scale, in_bias, out_shape, gamma, beta):
         xg = op.Reshape(x, group_shape, _outputs=["xg"])
-        normalized = op.InstanceNormalization(xg, in_scale, in_bias, _outputs=["normalized"])
-        y = op.Reshape(normalized, out_shape, _outputs=["restored"])
+        y = op.InstanceNormalization(xg, in_scale, in_bias, _outputs=["normalized"])
+        if self.restore:
+            y = op.Reshape(y, out_shape, _outputs=["restored"])
         if self.scale:
             y = op.Mul(y, gamma)  # rules() adds the commuted operand orders
         if self.center:
@@ -82,7 +99,7 @@ class TorchInstanceNormGroupNormFusion(GroupNormFusionBase):
 
     # -- check -----------------------------------------------------------------------
     def _grouping(self, x: ir.Value, xg: ir.Value) -> tuple[tuple | None, str | None]:
-        """``(x_dims, groups, channels)`` when the first Reshape is ``[N, G, (C/G)*S]``."""
+        """``(x_dims, groups, channels, grouped_dims)`` when the first Reshape is ``[N, G, (C/G)*S]``."""
         x_dims = _shapes.dims_of(x)
         if x_dims is None:
             return None, f"the rank of the GroupNorm input {x.name!r} is unknown"
@@ -108,14 +125,38 @@ class TorchInstanceNormGroupNormFusion(GroupNormFusionBase):
         row = (channels // groups) * int(np.prod(spatial)) if all(isinstance(d, int) for d in spatial) else _shapes.Sym(("row",))
         if not _shapes.same_dims(out, [x_dims[0], groups, row]):
             return None, f"the grouping Reshape (target {target}) does not map {x_dims} to [N, {groups}, -1]"
-        return (x_dims, groups, channels), None
+        return (x_dims, groups, channels, out), None
+
+    def _restored(self, x_dims, groups, grouped, xg, restored, out_shape) -> tuple[ir.Value | None, str | None]:
+        """Where the normalised tensor is back in x's shape: after the restoring Reshape, or
+        (``restore=False``) right after the InstanceNormalization when the grouping Reshape
+        changed no dim (then so would the missing restoring one)."""
+        if not self.restore:
+            if not _shapes.same_dims(grouped, x_dims):
+                return None, (
+                    f"no Reshape restores the input's shape, and the grouping Reshape's output {grouped} is not the "
+                    f"input's shape {x_dims} (an identity only when groups == channels on a rank-3 input)"
+                )
+            return xg, None
+        target = _shapes.int_values(out_shape)
+        if target is None:
+            return None, "the restoring Reshape target cannot be evaluated"
+        allowzero = restored.producer().attributes.get("allowzero")
+        grouped_sym = [x_dims[0], groups, _shapes.Sym(("row", id(xg)))]
+        back = _shapes.reshape_dims(grouped_sym, target, bool(allowzero.as_int()) if allowzero else False)
+        if back is None or not _shapes.same_dims(back, x_dims):
+            return None, f"the restoring Reshape (target {target}) does not give the input shape {x_dims}"
+        return restored, None
 
     def _defer_to_fuller_rule(self, context, value: ir.Value, rank: int, channels: int) -> str | None:
-        """A reason to leave this match to the rule that also takes the next Mul/Add."""
+        """A reason to leave this match to the rule that also takes the next Mul/Add (or,
+        without the restoring Reshape, the Reshape after the InstanceNormalization)."""
         uses = list(value.uses())
         if len(uses) != 1 or value.is_graph_output():
             return None
         node = uses[0].node
+        if not self.restore and not (self.scale or self.center) and node.op_type == "Reshape" and node.domain in ("", "ai.onnx"):
+            return f"followed by Reshape {node.name!r}: left to the rules that include a restoring Reshape"
         # Mul comes before Add: after a Mul only an Add can still be taken; after an Add nothing.
         wanted = [] if self.center else ["Add"] if self.scale else ["Mul", "Add"]
         if node.op_type not in wanted or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
@@ -126,7 +167,7 @@ class TorchInstanceNormGroupNormFusion(GroupNormFusionBase):
             return f"followed by a per-channel {node.op_type} {node.name!r}: left to the rule that includes it"
         return None
 
-    def check(self, context, x, xg, normalized, restored, in_scale, in_bias, out_shape, gamma=None, beta=None, **_):
+    def check(self, context, x, xg, normalized, in_scale, in_bias, restored=None, out_shape=None, gamma=None, beta=None, **_):
         result = pattern.MatchResult()
         dtype = x.dtype
         if dtype not in _match.FLOAT_TYPES:
@@ -134,7 +175,7 @@ class TorchInstanceNormGroupNormFusion(GroupNormFusionBase):
         found, why = self._grouping(x, xg)
         if why:
             return result.fail(why, xg)
-        x_dims, groups, channels = found
+        x_dims, groups, channels, grouped = found
         rank = len(x_dims)
 
         # InstanceNormalization: per-group affine (ones/zeros, or constants folded below).
@@ -152,15 +193,10 @@ class TorchInstanceNormGroupNormFusion(GroupNormFusionBase):
                 return result.fail(f"{what} has shape {list(array.shape)}, not [{groups}]", value)
             group_affine.append(array)
 
-        # The second Reshape restores x's shape.
-        target = _shapes.int_values(out_shape)
-        if target is None:
-            return result.fail("the restoring Reshape target cannot be evaluated", out_shape)
-        allowzero = restored.producer().attributes.get("allowzero")
-        grouped = [x_dims[0], groups, _shapes.Sym(("row", id(xg)))]
-        back = _shapes.reshape_dims(grouped, target, bool(allowzero.as_int()) if allowzero else False)
-        if back is None or not _shapes.same_dims(back, x_dims):
-            return result.fail(f"the restoring Reshape (target {target}) does not give the input shape {x_dims}", out_shape)
+        # The second Reshape (or, without it, the grouping one) restores x's shape.
+        _, why = self._restored(x_dims, groups, grouped, xg, restored, out_shape)
+        if why:
+            return result.fail(why, out_shape if self.restore else xg)
 
         # gamma / beta: per channel along axis 1.
         params = {}
@@ -220,6 +256,11 @@ class TorchInstanceNormGroupNormFusion(GroupNormFusionBase):
 
 
 def rules() -> list[pattern.RewriteRule]:
-    """The fullest variant first; each with every operand order of its Mul/Add."""
+    """The fullest variant first (restoring Reshape, Mul, Add); each with every operand order of its Mul/Add."""
     variants = ((True, True), (True, False), (False, True), (False, False))
-    return [rule for s, c in variants for rule in TorchInstanceNormGroupNormFusion.rule(scale=s, center=c).commute()]
+    return [
+        rule
+        for r in (True, False)
+        for s, c in variants
+        for rule in TorchInstanceNormGroupNormFusion.rule(scale=s, center=c, restore=r).commute()
+    ]

@@ -252,6 +252,13 @@ def test_over_the_threshold_the_output_gets_external_data(external_export, tmp_p
     assert _digest([external_export, external_export.parent / "weights.bin"]) == before
 
 
+def test_verify_over_the_threshold_is_refused_before_the_work(external_export, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(io, "EXTERNAL_DATA_THRESHOLD", LOW_THRESHOLD)
+    monkeypatch.setattr("onnx_groupnorm.rewriter.fuse", _no_work)
+    code, _, err = _run(["fuse", external_export, "-o", tmp_path / "o.onnx", "--verify"], capsys)
+    _assert_refused(code, err, external_export, "--verify is unsupported for a model over 2 GB")
+
+
 def test_one_file_per_tensor_layout_is_read(tmp_path, capsys):
     """The layout the TorchScript exporter writes above 2 GB: one file per tensor."""
     folder = tmp_path / "ts"

@@ -28,15 +28,14 @@ def rng(request):
     return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
 
 
-def pytest_addoption(parser):
-    parser.addoption("--run-slow", action="store_true", default=False, help="also run tests marked slow (minutes, GBs of disk)")
-
-
 def pytest_collection_modifyitems(config, items):
-    """Tests marked ``slow`` are skipped unless --run-slow is given."""
-    if config.getoption("--run-slow"):
+    """``slow`` tests run only when asked for: ``-m slow`` (or any -m naming it), or
+    ONNX_GROUPNORM_SLOW=1; the default run stays fast."""
+    import os
+
+    if "slow" in (config.getoption("-m") or "") or os.environ.get("ONNX_GROUPNORM_SLOW") == "1":
         return
-    skip = pytest.mark.skip(reason="slow: run with --run-slow")
+    skip = pytest.mark.skip(reason="slow: run with -m slow or ONNX_GROUPNORM_SLOW=1")
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)

@@ -1,7 +1,7 @@
 """How fusing scales: wall time of load / fuse / save and peak RSS, one child process per
-point. Peak RSS is the child's own VmHWM (/proc/self/status) at its end: ``getrusage`` /
-``wait4`` (and /usr/bin/time) would report the parent's size at fork instead when that is
-larger, because Linux carries ru_maxrss across exec.
+point. Peak RSS is the child's own VmHWM (/proc/self/status), read after load, after fuse
+and at the end: ``getrusage`` / ``wait4`` (and /usr/bin/time) would report the parent's
+size at fork instead when that is larger, because Linux carries ru_maxrss across exec.
 
 Points:
 
@@ -41,16 +41,18 @@ import json, sys, time
 t0 = time.perf_counter()
 from onnx_groupnorm import cli
 from onnx_groupnorm.rewriter import fuse, io
+def hwm():
+    return 1024 * next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
 t1 = time.perf_counter()
 model = io.load_model(sys.argv[1])
-t2 = time.perf_counter()
+t2, h2 = time.perf_counter(), hwm()
 fused, report = fuse(cli._pipeline_ready(model), target=sys.argv[3])
 fused = cli._external_rebased(fused, io.pathlib.Path(sys.argv[1]))
-t3 = time.perf_counter()
+t3, h3 = time.perf_counter(), hwm()
 io.save_model(fused, sys.argv[2], input_path=sys.argv[1])
 t4 = time.perf_counter()
-hwm = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
-print(json.dumps({"import": t1 - t0, "load": t2 - t1, "fuse": t3 - t2, "save": t4 - t3, "fused": len(report.fused), "peak_rss": hwm * 1024}))
+print(json.dumps({"import": t1 - t0, "load": t2 - t1, "fuse": t3 - t2, "save": t4 - t3, "fused": len(report.fused),
+                  "peak_rss": hwm(), "peak_load": h2, "peak_fuse": h3}))
 """
 
 
@@ -169,13 +171,14 @@ def _size(model: pathlib.Path) -> int:
 
 def _row(name: str, size: int, layers: int, r: dict) -> str:
     if "error" in r:
-        return f"| {name} | {size / MiB:,.1f} | {layers} | {r['error']} |||||||"
+        return f"| {name} | {size / MiB:,.1f} | {layers} | {r['error']} ||||||||"
     goal = 2.5 * size + 300 * MiB
     per_layer = 1000 * r["fuse"] / max(layers, 1)
     per_100mb = r["fuse"] / max(size / (100 * 1e6), 1e-9)
     return (
         f"| {name} | {size / MiB:,.1f} | {layers} / {r['fused']} | {r['load']:.2f} | {r['fuse']:.2f} | {per_layer:.1f} | "
-        f"{per_100mb:.2f} | {r['save']:.2f} | {r['peak_rss'] / MiB:,.0f} | {goal / MiB:,.0f} | {'yes' if r['peak_rss'] <= goal else 'NO'} |"
+        f"{per_100mb:.2f} | {r['save']:.2f} | {r['peak_load'] / MiB:,.0f} / {r['peak_fuse'] / MiB:,.0f} / {r['peak_rss'] / MiB:,.0f} | "
+        f"{goal / MiB:,.0f} | {'yes' if r['peak_rss'] <= goal else 'NO'} |"
     )
 
 
@@ -193,7 +196,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     print(f"python {sys.version.split()[0]}, onnx {onnx.__version__}, {os.cpu_count()} CPUs, target={args.target}, in {work}")
     print()
-    print("| model | size MiB | layers / fused | load s | fuse s | fuse ms/layer | fuse s/100 MB | save s | peak RSS MiB | goal MiB | within |")
+    print("| model | size MiB | layers / fused | load s | fuse s | fuse ms/layer | fuse s/100 MB | save s | peak RSS MiB after load / fuse / save | goal MiB | within |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     points, checks = [], []
     for n in (int(s) for s in args.sizes.split(",")):

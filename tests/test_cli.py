@@ -289,3 +289,27 @@ def test_internal_error_traceback_only_with_verbose(model_path, tmp_path, monkey
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert cli.main(["fuse", str(model_path), "-o", str(tmp_path / "o.onnx"), "-v"]) == cli.EXIT_INTERNAL_ERROR
     assert "Traceback" in capsys.readouterr().err
+
+
+def test_warnings_are_shown_on_success_and_dropped_on_a_refusal(model_path, tmp_path, monkeypatch, capsys):
+    import logging
+
+    import onnx_groupnorm.rewriter as rewriter
+    from onnx_groupnorm.rewriter.errors import ModelFileError
+
+    real = rewriter.fuse
+
+    def warns(*args, **kwargs):
+        logging.getLogger("onnx_groupnorm.rewriter.pipeline").warning("shape inference failed: something")
+        return real(*args, **kwargs)
+
+    def warns_then_refuses(*args, **kwargs):
+        logging.getLogger("onnx_groupnorm.rewriter.pipeline").warning("shape inference failed: something")
+        raise ModelFileError(f"{model_path}: malformed model")
+
+    monkeypatch.setattr(rewriter, "fuse", warns)
+    assert cli.main(["fuse", str(model_path), "-o", str(tmp_path / "o.onnx")]) == cli.EXIT_OK
+    assert "shape inference failed: something" in capsys.readouterr().err
+    monkeypatch.setattr(rewriter, "fuse", warns_then_refuses)
+    assert cli.main(["fuse", str(model_path), "-o", str(tmp_path / "o.onnx")]) == cli.EXIT_BAD_INPUT
+    assert capsys.readouterr().err == f"error: {model_path}: malformed model\n"

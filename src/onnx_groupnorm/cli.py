@@ -13,11 +13,12 @@ import argparse
 import contextlib
 import json
 import logging
+import logging.handlers
 import pathlib
 import signal
 import sys
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from . import __version__
 from .rewriter import TARGETS
@@ -133,6 +134,7 @@ def _say(args, text: str) -> None:
 def _fuse(args) -> int:
     from .rewriter import fuse, io
     from .rewriter.inputs import InputSpec
+    from .rewriter.errors import UsageError
 
     io.check_paths(args.input, args.output, args.report)
     if args.verify:
@@ -140,6 +142,12 @@ def _fuse(args) -> int:
     verify_inputs = InputSpec.from_cli(args.input_shape, args.inputs)
     model = io.load_model(args.input)
     io.check_spares_input(args.input, args.output, args.report)
+    if args.verify and io.estimated_size(model) > io.EXTERNAL_DATA_THRESHOLD:
+        # Interim, until verification loads both models in onnxruntime by path (issue #9).
+        raise UsageError(
+            f"{args.input}: --verify is unsupported for a model over 2 GB (the verifier passes onnxruntime the "
+            "model in memory); fuse without --verify and compare the two files in onnxruntime"
+        )
     if args.target == "onnx":
         logger.warning(_ONNX_TARGET_WARNING)
     nodes_before = _node_count(model)
@@ -270,24 +278,35 @@ class _NoTraceback(logging.Filter):
 
 
 @contextlib.contextmanager
-def _logging(args) -> Iterator[None]:
+def _logging(args) -> Iterator[Callable[[int], None]]:
     """Our own handler on the root logger, on the stderr of this call, removed afterwards
-    (main() runs more than once in a process under tests)."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(levelname)s: %(name)s: %(message)s"))
-    if not args.verbose:
+    (main() runs more than once in a process under tests). Without -v, warnings are held
+    until the end and shown only if the run did not fail: a refusal is one line. Yields
+    ``release(exit_code)``."""
+    stream = logging.StreamHandler(sys.stderr)
+    stream.setFormatter(logging.Formatter("%(levelname)s: %(name)s: %(message)s"))
+    if args.verbose:
+        handler = stream
+    else:
+        handler = logging.handlers.MemoryHandler(10_000, flushLevel=logging.CRITICAL + 1, target=stream, flushOnClose=False)
         handler.addFilter(_OursOrErrors())
         handler.addFilter(_NoTraceback())
+
+    def release(code: int) -> None:
+        if handler is not stream and code in (EXIT_OK, EXIT_VERIFY_FAILED):
+            handler.flush()
+
     root = logging.getLogger()
     level = logging.DEBUG if args.verbose else logging.ERROR if args.quiet else logging.WARNING
     old_level = root.level
     root.addHandler(handler)
     root.setLevel(level)
     try:
-        yield
+        yield release
     finally:
         root.removeHandler(handler)
         root.setLevel(old_level)
+        handler.close()
 
 
 def _classify(error: Exception, path: pathlib.Path):
@@ -319,33 +338,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return EXIT_BAD_INPUT
+    with _logging(args) as release, _sigterm_unwinds():
+        code = _run(args)
+        release(code)
+        return code
+
+
+def _run(args) -> int:
+    """The command, with every way it can end turned into an exit code and one line."""
     from .rewriter.errors import ModelFileError, UsageError, one_line
 
-    with _logging(args), _sigterm_unwinds():
-        try:
-            return _fuse(args) if args.command == "fuse" else _inspect(args)
-        except (ModelFileError, UsageError) as e:
-            logger.debug("bad input", exc_info=True)
-            print(f"error: {e}", file=sys.stderr)
+    try:
+        return _fuse(args) if args.command == "fuse" else _inspect(args)
+    except (ModelFileError, UsageError) as e:
+        logger.debug("bad input", exc_info=True)
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print(f"interrupted: {args.input} is unchanged and no partial output is left", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except _Terminated:
+        print(f"terminated: {args.input} is unchanged and no partial output is left", file=sys.stderr)
+        return EXIT_TERMINATED
+    except Exception as e:
+        logger.debug("error", exc_info=True)
+        error = _classify(e, args.input)
+        if error is not None:
+            print(f"error: {error}", file=sys.stderr)
             return EXIT_BAD_INPUT
-        except KeyboardInterrupt:
-            print(f"interrupted: {args.input} is unchanged and no partial output is left", file=sys.stderr)
-            return EXIT_INTERRUPTED
-        except _Terminated:
-            print(f"terminated: {args.input} is unchanged and no partial output is left", file=sys.stderr)
-            return EXIT_TERMINATED
-        except Exception as e:
-            logger.debug("error", exc_info=True)
-            error = _classify(e, args.input)
-            if error is not None:
-                print(f"error: {error}", file=sys.stderr)
-                return EXIT_BAD_INPUT
-            print(
-                f"error: {args.input}: internal error ({type(e).__name__}: {one_line(e)}); the input is unchanged. "
-                "This is a bug: please report it with the model (-v shows the traceback)",
-                file=sys.stderr,
-            )
-            return EXIT_INTERNAL_ERROR
+        print(
+            f"error: {args.input}: internal error ({type(e).__name__}: {one_line(e)}); the input is unchanged. "
+            "This is a bug: please report it with the model (-v shows the traceback)",
+            file=sys.stderr,
+        )
+        return EXIT_INTERNAL_ERROR
 
 
 def entrypoint() -> None:

@@ -531,7 +531,7 @@ def _fold_everything_small(node: ir.Node) -> bool | None:
     return True if node.op_type == "ConstantOfShape" else None
 
 
-def adopt_folded_facts(model: ir.Model) -> None:
+def adopt_folded_facts(model: ir.Model, infer_shapes=None) -> None:
     """Record on ``model``'s main-graph values what constant folding of a copy proves.
 
     Exporters hide constants behind ops that shape inference does not evaluate (TorchScript
@@ -543,20 +543,22 @@ def adopt_folded_facts(model: ir.Model) -> None:
     symbolic names are fresh and must not be compared with the original's), and only where
     the original's dim is unknown; constants are recorded in ``Value.meta``. Then every
     value's dims are traced forward from the inputs (see :func:`_propagate_dims`).
+    ``infer_shapes`` runs shape inference on the copy (default: onnx-ir's
+    ShapeInferencePass; the pipeline passes its memory-bounded one).
     """
-    _adopt_folded(model)
+    _adopt_folded(model, infer_shapes)
     _propagate_dims(model.graph)
 
 
-def _adopt_folded(model: ir.Model) -> None:
-    copy = model.clone()
+def _adopt_folded(model: ir.Model, infer_shapes=None) -> None:
     # The folder warns about what it leaves unfolded; on our private copy that is not news.
     folder_logger = logging.getLogger(_constant_folding.__name__)
     level = folder_logger.level
     folder_logger.setLevel(logging.ERROR)
     try:
+        copy = model.clone()  # a malformed model may not even clone: then no facts from it
         _constant_folding.fold_constants(copy, onnx_shape_inference=True, should_fold=_fold_everything_small)
-        common_passes.ShapeInferencePass()(copy)
+        (infer_shapes or common_passes.ShapeInferencePass())(copy)
     except Exception as e:  # a model the folder cannot handle is matched on its own facts
         logger.info("constant folding of a copy failed; matching without its facts: %s", e)
         return

@@ -167,7 +167,7 @@ def _prepare(model: ir.Model) -> str | None:
     failure = _infer_shapes(model)
     # Dims only constant folding knows (an Identity of an initializer, constant shape
     # arithmetic), folded on a copy: the user's graph keeps every node.
-    _shapes.adopt_folded_facts(model)
+    _shapes.adopt_folded_facts(model, _infer_shapes)
     _annotate_function_inputs(model)
     # The rewriter marks Constant outputs as constants in the main graph and functions
     # only; subgraphs (If/Loop bodies) need it too for constant operands to match.

@@ -308,11 +308,15 @@ def test_verify_passes_on_every_model(entry):
     # The function target keeps every layer's input and output names, so both sides of every
     # layer are judged; the default target moves channels-last layers onto NCHW tensors that
     # the original does not have, so there only the fused side and the outputs are.
-    _, report = fuse(load(entry), verify=True, target="function")
+    model = load(entry)
+    _, report = fuse(model, verify=True, target="function")
     v = report.verification
     assert v.verdict == "passed" and v.notes == [], v.summary_lines()
     assert len(v.layers) <= entry["expected_group_norms"]
-    assert all(c.original_error is not None and c.fused_ratio <= 1 for c in v.layers)
+    # A layer whose input the rewrite made (the merged grouping Reshape's plain Reshape in
+    # front of our op) has no original twin to judge; every other layer has one.
+    original_values = {name for node in model.graph.node for name in node.output} | {i.name for i in model.graph.input}
+    assert all(c.fused_ratio <= 1 and (c.original_error is not None or c.input not in original_values) for c in v.layers)
     _, report = fuse(load(entry), verify=True)
     v = report.verification
     assert v.verdict == "passed", v.summary_lines()

@@ -143,3 +143,24 @@ def test_missing_params_become_typed_initializers():
     inits = {i.name: onnx.numpy_helper.to_array(i) for i in lowered.graph.initializer}
     np.testing.assert_array_equal(inits[gn.input[1]], np.ones(16, np.float32))
     np.testing.assert_array_equal(inits[gn.input[2]], np.zeros(16, np.float32))
+
+
+def test_onnx_target_above_2gb_checks_from_files(monkeypatch):
+    """Above 2 GB (here: the threshold lowered to 1 KiB) the opset-21 trial is never serialised:
+    the version converter sees a copy without the large weights, onnx.checker and onnxruntime
+    open a file with external data, and the result is the same as for a small model."""
+    from onnx_groupnorm.rewriter import io as rewriter_io
+    from onnx_groupnorm.rewriter.targets import onnx_standard
+
+    entry = next(e.values[0] for e in entries() if e.values[0]["name"] == "keras_torch_export_ts_nhwc_r4_block_c32_g8")
+    small, _ = fuse(load(entry), target="onnx")
+    monkeypatch.setattr(rewriter_io, "EXTERNAL_DATA_THRESHOLD", 1024)
+    monkeypatch.setattr(onnx_standard, "_LARGE_INITIALIZER", 64)
+    checked = []
+    real_check = onnx.checker.check_model
+    monkeypatch.setattr(onnx_standard.onnx.checker, "check_model", lambda m, *a, **k: (checked.append(m), real_check(m, *a, **k)))
+    large, report = fuse(load(entry), target="onnx")
+    assert any(isinstance(m, str) and m.endswith("trial.onnx") for m in checked)
+    assert [n.op_type for n in large.graph.node] == [n.op_type for n in small.graph.node]
+    assert sum(n.op_type == "GroupNormalization" for n in large.graph.node) == entry["expected_group_norms"]
+    assert any("raised the default opset" in note for note in report.notes)

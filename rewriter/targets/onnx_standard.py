@@ -34,6 +34,8 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
+import tempfile
 from collections.abc import Iterable
 
 import numpy as np
@@ -41,6 +43,7 @@ import onnx
 import onnx_ir as ir
 
 from ...ops import attach_functions, contract
+from .. import io
 from .._graphs import graph_likes, is_our_function, is_ours, node_config
 from ..report import FuseReport
 
@@ -265,7 +268,7 @@ def _upgrade_blockers(model: ir.Model) -> list[str]:
     proto = ir.to_proto(model)
     del proto.functions[:]
     try:
-        converted = onnx.version_converter.convert_version(proto, STANDARD_VERSION)
+        converted = onnx.version_converter.convert_version(_weightless(proto, model), STANDARD_VERSION)
     except Exception as e:  # noqa: BLE001 - any converter failure is a refusal
         return [f"onnx.version_converter failed: {str(e).splitlines()[0][:200]}"]
     changed = _changed_by_converter(proto.graph, converted.graph)
@@ -276,19 +279,61 @@ def _upgrade_blockers(model: ir.Model) -> list[str]:
     _lower_all(trial)
     _set_default_opset(trial, STANDARD_VERSION)
     trial_proto = attach_functions(ir.to_proto(trial))
-    try:
-        onnx.checker.check_model(trial_proto)
-    except Exception as e:  # noqa: BLE001
-        return [f"onnx.checker at opset {STANDARD_VERSION}: {str(e).splitlines()[0][:200]}"]
-    try:
-        import onnxruntime as ort
+    with tempfile.TemporaryDirectory(prefix="onnx-groupnorm-trial-") as folder:
+        # Never serialise a proto above 2 GB (protobuf's limit): a large model is checked and
+        # opened from a file whose weights are external data, as onnx.checker requires.
+        source: onnx.ModelProto | str = trial_proto
+        if _initializer_bytes(trial) > io.EXTERNAL_DATA_THRESHOLD:
+            source = os.path.join(folder, "trial.onnx")
+            onnx.save_model(trial_proto, source, save_as_external_data=True, location="trial.onnx.data")
+        try:
+            onnx.checker.check_model(source)
+        except Exception as e:  # noqa: BLE001
+            return [f"onnx.checker at opset {STANDARD_VERSION}: {str(e).splitlines()[0][:200]}"]
+        try:
+            import onnxruntime as ort
 
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        ort.InferenceSession(trial_proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    except Exception as e:  # noqa: BLE001
-        return [f"onnxruntime at opset {STANDARD_VERSION}: {str(e).splitlines()[0][:200]}"]
+            options = ort.SessionOptions()
+            options.log_severity_level = 3
+            model_arg = source if isinstance(source, str) else source.SerializeToString()
+            ort.InferenceSession(model_arg, options, providers=["CPUExecutionProvider"])
+        except Exception as e:  # noqa: BLE001
+            return [f"onnxruntime at opset {STANDARD_VERSION}: {str(e).splitlines()[0][:200]}"]
     return []
+
+
+#: Initializers above this size are left out of the copy the version converter sees.
+_LARGE_INITIALIZER = 1 << 20
+
+
+def _weightless(proto: onnx.ModelProto, model: ir.Model) -> onnx.ModelProto:
+    """``proto`` itself, or for a model above 2 GB (the converter serialises its input) a copy
+    whose large initializers are graph inputs of the same type and shape: the converter rewrites
+    nodes, never weights, and :func:`_changed_by_converter` compares nodes only."""
+    if _initializer_bytes(model) <= io.EXTERNAL_DATA_THRESHOLD:
+        return proto
+    light = onnx.ModelProto()
+    graph = proto.graph
+    light.ir_version = proto.ir_version
+    light.opset_import.extend(proto.opset_import)
+    light.graph.name = graph.name
+    light.graph.node.extend(graph.node)
+    light.graph.input.extend(graph.input)
+    light.graph.output.extend(graph.output)
+    inputs = {i.name for i in graph.input}
+    for tensor in graph.initializer:
+        size = len(tensor.raw_data) if tensor.HasField("raw_data") else 0
+        if size > _LARGE_INITIALIZER or tensor.data_location == onnx.TensorProto.EXTERNAL:
+            if tensor.name not in inputs:
+                light.graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
+        else:
+            light.graph.initializer.append(tensor)
+    return light
+
+
+def _initializer_bytes(model: ir.Model) -> int:
+    """Bytes of the main graph's initializers (a proto's ByteSize() raises above 2 GB)."""
+    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
 
 
 def _set_default_opset(model: ir.Model, version: int) -> None:

@@ -20,13 +20,13 @@ import subprocess
 import sys
 import time
 import traceback
-from importlib import metadata
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "models" / "generators"))
+from _common import package_versions  # noqa: E402
 from _manifest import save_npz  # noqa: E402  (the npz convention of models/)
 
 __all__ = ["OUT_DIR", "versions", "ort_outputs", "max_err", "record", "main"]
@@ -35,13 +35,7 @@ OUT_DIR = pathlib.Path(os.environ.get("BIGMODELS", "/work/bigmodels"))
 
 
 def versions(packages) -> dict:
-    out = {"python": platform.python_version()}
-    for pkg in packages:
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            pass
-    return out
+    return {"python": platform.python_version(), **package_versions(packages)}
 
 
 def ort_outputs(path, inputs) -> list:

@@ -156,7 +156,19 @@ def rounds(runners: dict, repeats: int):
         for k in others:
             ratio[k].append(t[k] / t["original"])
     return ({k: statistics.median(v) for k, v in ms.items() if v},
-            {k: statistics.median(v) for k, v in ratio.items() if v}, outputs)
+            {k: spread(v) for k, v in ratio.items() if v}, outputs)
+
+
+def spread(values):
+    """(median, first quartile, third quartile): the quartiles show how much the machine moved."""
+    if len(values) < 2:
+        return values[0], values[0], values[0]
+    q1, q2, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q2, q1, q3
+
+
+def fmt_ratio(value):
+    return "—" if value is None else f"{value[0]:.2f} [{value[1]:.2f}–{value[2]:.2f}]"
 
 
 def first_line(exc):
@@ -229,14 +241,14 @@ def ov_cells(row, orig):
     err = f"{row['ov_err']:.1e} ({num(orig.get('ov_err'), '.1e')})"
     if "ov_fail" in orig:
         return [f"original fails; fused {fmt_ms(row.get('ov_ms'))} ms", err]
-    return [num(row.get("ov_ratio"), ".2f"), err]
+    return [fmt_ratio(row.get("ov_ratio")), err]
 
 
 def table(results, use_ov):
     cols = ["model", "route", "target", "GN fused", "fuse s", "fuse peak RSS MiB",
-            "ORT max abs err vs framework: fused (export)", "ORT CPU fused/original", "ORT original ms"]
+            "ORT max abs err vs framework: fused (export)", "ORT CPU fused/original [quartiles]", "ORT original ms"]
     if use_ov:
-        cols += ["OpenVINO f32 fused/original", "OpenVINO max abs err: fused (export)", "OpenVINO original ms"]
+        cols += ["OpenVINO f32 fused/original [quartiles]", "OpenVINO max abs err: fused (export)", "OpenVINO original ms"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for name, (meta, orig, rows) in results.items():
         for t, row in rows.items():
@@ -246,7 +258,7 @@ def table(results, use_ov):
                           fmt_ms(orig["ort_ms"])]
             else:
                 cells += [f"{row['fused']}/{row['expected']}", f"{row['fuse_s']:.1f}", f"{row['rss_mib']:.0f}",
-                          f"{row['ort_err']:.1e} ({orig['ort_err']:.1e})", num(row.get("ort_ratio"), ".2f"),
+                          f"{row['ort_err']:.1e} ({orig['ort_err']:.1e})", fmt_ratio(row.get("ort_ratio")),
                           fmt_ms(orig["ort_ms"])]
             if use_ov:
                 ov_orig = f"fails: {orig['ov_fail']}" if "ov_fail" in orig else fmt_ms(orig.get("ov_ms"))

@@ -83,11 +83,28 @@ def _runs(runtime, model, inputs):
         return None
 
 
+def _meets(actual, entry) -> bool:
+    try:
+        _assert_matches(actual, entry)
+    except AssertionError:
+        return False
+    return True
+
+
+#: onnx 1.23's ReferenceEvaluator computes BatchNormalization before opset 14 wrongly (an
+#: identity BatchNormalization, epsilon 0, is 4e-2 off at opset 13, exact at 15), and our cf
+#: body ends with one: onnxruntime, OpenVINO and tract agree with the framework there.
+_REFERENCE_MIN_OPSET = 14
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("runtime", ["openvino", "tract", "reference"])
 @pytest.mark.parametrize("target", ["portable", "openvino"])
 def test_target_runs_wherever_the_original_runs(target, runtime):
-    """Whole corpus (one test per runtime to keep the sessions' start-up in one place)."""
+    """Whole corpus (one test per runtime to keep the sessions' start-up in one place). The
+    fused model must meet the framework's tolerance there, or, where the runtime's own
+    arithmetic misses it for the original too (tract computes float16 in float16), match the
+    original's output in that runtime within the same tolerance."""
     if not available(runtime):
         pytest.skip(f"{runtime} is not installed")
     if (target, runtime) == ("openvino", "tract"):
@@ -95,9 +112,12 @@ def test_target_runs_wherever_the_original_runs(target, runtime):
     failures, compared = [], 0
     for param in entries(_runnable):
         entry = param.values[0]
+        if runtime == "reference" and entry["opset"] < _REFERENCE_MIN_OPSET:
+            continue
         inputs, _ = data(entry)
         model = load(entry)
-        if _runs(runtime, model, inputs) is None:
+        original = _runs(runtime, model, inputs)
+        if original is None:
             continue
         fused, _ = fuse(model, target=target)
         if runtime == "reference" and target == "openvino":
@@ -108,9 +128,15 @@ def test_target_runs_wherever_the_original_runs(target, runtime):
                 continue  # the ReferenceEvaluator ignores function overloads (one body per op)
         compared += 1
         try:
-            _assert_matches(RUNNERS[runtime](fused, *inputs), entry)
+            actual = RUNNERS[runtime](fused, *inputs)
+            if _meets(original, entry):
+                _assert_matches(actual, entry)
+            else:
+                tol = entry["tolerance"]
+                for a, o in zip(actual, original, strict=True):
+                    np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(o, np.float64), rtol=tol["rtol"], atol=tol["atol"])
         except Exception as e:  # noqa: BLE001 - collect them all
-            failures.append(f"{entry['name']}: {str(e).splitlines()[0][:200]}")
+            failures.append(f"{entry['name']}: {' '.join(str(e).split())[:300]}")
     assert compared > 0
     assert not failures, "\n".join(failures)
 

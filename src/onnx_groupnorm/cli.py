@@ -70,12 +70,12 @@ def main_parser() -> argparse.ArgumentParser:
     fuse = sub.add_parser("fuse", parents=[output], help="fuse, optionally verify, and save a model")
     fuse.add_argument("input", type=pathlib.Path, help="the exported model (.onnx)")
     fuse.add_argument("-o", "--output", type=pathlib.Path, required=True, help="where to write the fused model")
-    fuse.add_argument("--verify", action="store_true", help="compare the fused model with the input in onnxruntime (CPU) on seeded random inputs")
+    fuse.add_argument("--verify", action="store_true", help="run the input and the fused model in onnxruntime (CPU) on inputs the model accepts and judge every fused layer against a float64 reference (needs the ort extra)")
     fuse.add_argument("--report", type=pathlib.Path, help="write the report as JSON to this file")
     fuse.add_argument("--keep-standard", action="store_true", help="leave standard ONNX GroupNormalization ops as they are")
     fuse.add_argument(
         "--target", choices=list(TARGETS), default=DEFAULT_TARGET,
-        help=f"deployment form (default: {DEFAULT_TARGET}, our op with its function body)",
+        help=f"deployment form (default: {DEFAULT_TARGET}); the README says which target fits which runtime",
     )
     fuse.add_argument("--absorb-silu", dest="absorb_activation", action="store_true", default=None, help="fold a following SiLU/swish into the op (activation=1)")
     fuse.add_argument("--seed", type=int, default=0, help="seed of the verification inputs (default 0)")

@@ -112,7 +112,11 @@ class _Model:
                 raise ModelFileError(f"{path}: cannot load the {role} model: {e}") from e
             self.folder = path.resolve().parent
         elif isinstance(model, onnx.ModelProto):
-            self.proto, self.ir, self.name = model, ir.from_proto(model), source or f"the {role} model"
+            self.proto, self.name = model, source or f"the {role} model"
+            try:
+                self.ir = ir.from_proto(model)
+            except Exception as e:  # two nodes writing one value, a malformed tensor, ...
+                raise _LoadError(f"{self.name}: cannot read the {role} model: {_first_line(e)}") from e
         elif isinstance(model, ir.Model):
             self.ir, self.name = model, source or f"the {role} model"
         else:
@@ -175,10 +179,12 @@ class _Model:
                 raise _LoadError(f"{self.name}: onnxruntime cannot load the {self.role} model: {_first_line(e)}") from e
             del model  # the serialised model (as large as the weights) is not needed past this point
         fetch = [n for n in names if n]
+        held = [session]  # emptied on exit: the session (and its memory) goes even if the runner stays
+        del session
         try:
-            yield lambda feeds: dict(zip(fetch, session.run(fetch, feeds)))
+            yield lambda feeds: dict(zip(fetch, held[0].run(fetch, feeds)))
         finally:
-            del session
+            held.clear()
 
 
 class _LoadError(Exception):
@@ -259,15 +265,6 @@ def _channel_slice(param: np.ndarray, take: slice, groups: int, channels: int) -
     return flat[take]
 
 
-def _constant_array(value: ir.Value) -> np.ndarray | None:
-    if value.const_value is not None:
-        return value.const_value.numpy()
-    node = value.producer()
-    if node is not None and node.op_type == "Constant" and "value" in node.attributes:
-        return node.attributes["value"].as_tensor().numpy()
-    return None
-
-
 def _layers(model: ir.Model) -> list[_Layer]:
     """Our op's nodes and standard GroupNormalization nodes in the main graph (subgraphs
     and functions are judged by the model outputs only)."""
@@ -289,7 +286,7 @@ def _layers(model: ir.Model) -> list[_Layer]:
             epsilon = attrs["epsilon"].as_float() if "epsilon" in attrs else 1e-5
         constants = {}
         for p in params:
-            if p is not None and (array := _constant_array(p)) is not None:
+            if p is not None and (array := inputs_module.constant_array(p)) is not None:
                 constants[p.name] = array
         layers.append(_Layer(
             node=node.name or node.outputs[0].name, x=node.inputs[0].name, y=node.outputs[0].name,
@@ -471,8 +468,14 @@ def verify(
     onnxruntime is missing, ModelFileError when onnxruntime refuses the original model.
     """
     _onnxruntime()
-    before = _Model(original, "original", source)
-    after = _Model(rewritten, "fused", "")
+    try:
+        before = _Model(original, "original", source)
+    except _LoadError as e:
+        raise ModelFileError(str(e)) from e
+    try:
+        after = _Model(rewritten, "fused", "")
+    except _LoadError as e:  # the fused model is ours: a bug, not bad input
+        raise RuntimeError(str(e)) from e
     plan = inputs_module.Plan(before.ir, spec, seed=seed)
     layers = _layers(after.ir)
     for layer in layers:

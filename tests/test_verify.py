@@ -238,11 +238,28 @@ def test_a_wrong_fusion_fails(build, mutate):
 # -- errors and the CLI ----------------------------------------------------------------------
 
 
-def test_model_onnxruntime_refuses_is_a_model_file_error():
-    model = large_mean_model()
+def _unknown_op(model):
     model.graph.node.insert(0, helper.make_node("NoSuchOp", ["x"], ["unused"], domain="unknown.domain"))
     model.opset_import.append(helper.make_opsetid("unknown.domain", 1))
-    with pytest.raises(ModelFileError, match="m.onnx: onnxruntime cannot load the original model"):
+
+
+def _cycle(model):
+    model.graph.node.extend([helper.make_node("Relu", ["c2"], ["c1"]), helper.make_node("Relu", ["c1"], ["c2"])])
+
+
+def _undefined(model):
+    model.graph.node.append(helper.make_node("Relu", ["nowhere"], ["dead"]))
+
+
+def _ir_version_99(model):
+    model.ir_version = 99
+
+
+@pytest.mark.parametrize("break_", [_unknown_op, _cycle, _undefined, _ir_version_99], ids=lambda f: f.__name__.strip("_"))
+def test_model_onnxruntime_refuses_is_a_model_file_error(break_):
+    model = large_mean_model()
+    break_(model)
+    with pytest.raises(ModelFileError, match="^m.onnx: onnxruntime cannot load the original model: "):
         verify_module.verify(model, model, source="m.onnx")
 
 
@@ -310,3 +327,15 @@ def test_verify_passes_on_every_model(entry):
     assert v.verdict == "passed" and v.notes == [], v.summary_lines()
     assert len(v.layers) <= entry["expected_group_norms"]
     assert all(c.original_error is not None and c.fused_ratio <= 1 for c in v.layers)
+
+
+@pytest.mark.parametrize("case", ["string", "no_shape"])
+def test_inputs_that_cannot_be_made_name_the_input_and_the_flag(case):
+    model = large_mean_model()
+    extra = helper.make_tensor_value_info("extra", TensorProto.STRING if case == "string" else F32, [2] if case == "string" else None)
+    model.graph.input.append(extra)
+    model.graph.node.append(helper.make_node("Identity", ["extra"], ["extra_out"]))
+    model.graph.output.append(helper.make_tensor_value_info("extra_out", extra.type.tensor_type.elem_type, None))
+    flag = "--inputs FILE.npz" if case == "string" else "--input-shape NAME=DxD"
+    with pytest.raises(UsageError, match=f"input 'extra'.*{flag}"):
+        verify_module.verify(model, model)

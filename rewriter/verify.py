@@ -105,12 +105,13 @@ class _Model:
         if isinstance(model, (str, os.PathLike)):
             path = pathlib.Path(model)
             self.name = str(path)
+            self.folder = path.resolve().parent
             try:  # the graph without its weights for the session, lazy weights for reading
                 self.proto = onnx.load(os.fspath(path), load_external_data=False)
+                _load_small_external_tensors(self.proto, self.folder)
                 self.ir = ir.load(os.fspath(path))
             except Exception as e:
                 raise ModelFileError(f"{path}: cannot load the {role} model: {e}") from e
-            self.folder = path.resolve().parent
         elif isinstance(model, onnx.ModelProto):
             self.proto, self.name = model, source or f"the {role} model"
             try:
@@ -189,6 +190,23 @@ class _Model:
 
 class _LoadError(Exception):
     pass
+
+
+#: External tensors up to this size are read into the proto: onnxruntime's shape inference at
+#: load time needs shape constants inline (it cannot read them from external data).
+_INLINE_EXTERNAL_BYTES = 64 * 1024
+
+
+def _load_small_external_tensors(proto: onnx.ModelProto, folder: pathlib.Path) -> None:
+    from onnx import external_data_helper
+
+    for tensor in external_data_helper._get_all_tensors(proto):
+        if external_data_helper.uses_external_data(tensor):
+            info = external_data_helper.ExternalDataInfo(tensor)
+            if info.length is not None and info.length <= _INLINE_EXTERNAL_BYTES:
+                external_data_helper.load_external_data_for_tensor(tensor, os.fspath(folder))
+                tensor.data_location = onnx.TensorProto.DEFAULT
+                del tensor.external_data[:]
 
 
 def _first_line(e: BaseException) -> str:

@@ -339,3 +339,32 @@ def test_inputs_that_cannot_be_made_name_the_input_and_the_flag(case):
     flag = "--inputs FILE.npz" if case == "string" else "--input-shape NAME=DxD"
     with pytest.raises(UsageError, match=f"input 'extra'.*{flag}"):
         verify_module.verify(model, model)
+
+
+def test_external_data_models_are_run_from_files(tmp_path, monkeypatch):
+    """A path with external data is given to onnxruntime with its folder (the weights are never
+    loaded into a proto); a model over the 2 GB limit (the limit lowered here) is written to a
+    temporary folder with external data instead of being serialised."""
+    import onnx_ir as ir
+
+    model = conv_stack_model()
+    fused, _ = _fused(model)
+    onnx.save(conv_stack_model(), tmp_path / "in.onnx", save_as_external_data=True, all_tensors_to_one_file=True, location="in.onnx.data", size_threshold=0)
+    before = (tmp_path / "in.onnx.data").read_bytes()
+    v = verify_module.verify(tmp_path / "in.onnx", fused)
+    assert v.verdict == "passed" and v.layers[0].original_error is not None
+    assert (tmp_path / "in.onnx.data").read_bytes() == before
+    monkeypatch.setattr(verify_module, "EXTERNAL_DATA_THRESHOLD", 0)
+    import onnxruntime
+
+    loaded, real_session = [], onnxruntime.InferenceSession
+
+    def session(model, *args, **kwargs):
+        loaded.append(type(model))
+        return real_session(model, *args, **kwargs)
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", session)
+    fused_ir = ir.from_proto(fused)
+    v = verify_module.verify(model, fused_ir)
+    assert v.verdict == "passed" and loaded == [str, str]  # both from files, neither as bytes
+    assert len(fused_ir.graph.outputs) == 1  # the extra outputs are taken off again

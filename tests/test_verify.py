@@ -368,3 +368,17 @@ def test_external_data_models_are_run_from_files(tmp_path, monkeypatch):
     v = verify_module.verify(model, fused_ir)
     assert v.verdict == "passed" and loaded == [str, str]  # both from files, neither as bytes
     assert len(fused_ir.graph.outputs) == 1  # the extra outputs are taken off again
+
+
+def test_large_layers_are_compared_a_few_groups_at_a_time(monkeypatch):
+    """Chunking over groups (to bound the float64 temporaries) measures the same errors as the
+    whole layer: groups are independent."""
+    model = large_mean_model()
+    fused, _ = _fused(model)
+    whole = verify_module.verify(model, fused)
+    monkeypatch.setattr(verify_module, "_CHUNK_ELEMENTS", 64)  # a 2304-value layer: one group at a time
+    chunked = verify_module.verify(model, fused)
+    for a, b in zip(whole.layers, chunked.layers, strict=True):
+        assert b.fused_error == pytest.approx(a.fused_error, rel=1e-9)
+        assert b.original_error == pytest.approx(a.original_error, rel=1e-9)
+    assert chunked.verdict == whole.verdict == verify_module.MORE_ACCURATE

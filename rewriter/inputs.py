@@ -35,7 +35,7 @@ import onnx_ir as ir
 
 from .errors import UsageError
 
-__all__ = ["InputSpec", "InputDecl", "Plan", "parse_input_shape", "START", "MAX_ELEMENTS", "FLAG_SHAPE", "FLAG_INPUTS"]
+__all__ = ["InputSpec", "InputDecl", "Plan", "parse_input_shape", "constant_array", "START", "SECOND_FACTORS", "MAX_ELEMENTS", "FLAG_SHAPE", "FLAG_INPUTS"]
 
 #: The first size tried for a dynamic (non-batch) dimension; it doubles from there. Small, so
 #: that verification stays cheap on large models (a VAE decoder's 4x4 latent still puts 256
@@ -122,8 +122,6 @@ class InputDecl:
 
 
 def _dims(name: str, value: ir.Value) -> list[int | str]:
-    if value.shape is None:
-        raise UsageError(f"input {name!r} declares no shape; give it with {FLAG_SHAPE} or {FLAG_INPUTS}")
     dims: list[int | str] = []
     for axis, d in enumerate(value.shape):
         if isinstance(d, int) and d >= 0:
@@ -135,7 +133,8 @@ def _dims(name: str, value: ir.Value) -> list[int | str]:
     return dims
 
 
-def _constant(value: ir.Value) -> np.ndarray | None:
+def constant_array(value: ir.Value) -> np.ndarray | None:
+    """The value of an initializer or a ``Constant(value=...)`` output; None otherwise."""
     if value.const_value is not None:
         return value.const_value.numpy()
     node = value.producer()
@@ -150,7 +149,7 @@ def _id_bound(value: ir.Value, depth: int = 4) -> int | None:
     for use in value.uses():
         node = use.node
         if node.op_type == "Gather" and node.domain in ("", "ai.onnx") and use.idx == 1:
-            table = _constant(node.inputs[0]) if node.inputs[0] is not None else None
+            table = constant_array(node.inputs[0]) if node.inputs[0] is not None else None
             if table is not None and table.ndim:
                 axis = node.attributes["axis"].as_int() if "axis" in node.attributes else 0
                 bounds.append(table.shape[axis])
@@ -171,9 +170,7 @@ def declarations(model: ir.Model) -> list[InputDecl]:
         dtype = value.dtype
         np_type = _FLOATS.get(dtype) or _INTS.get(dtype) or (np.bool_ if dtype == ir.DataType.BOOL else None)
         decl = InputDecl(name, np.dtype(np_type) if np_type is not None else None, _dims(name, value) if value.shape is not None else [])
-        if np_type is None:
-            decl.dtype = None
-        elif decl.dtype.kind in "iub":
+        if decl.dtype is not None and decl.dtype.kind in "iub":
             decl.is_mask = decl.dtype.kind == "b" or bool(_MASK_NAME.search(name))
             decl.id_bound = _id_bound(value)
         decls.append(decl)

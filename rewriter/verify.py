@@ -105,14 +105,19 @@ class _Model:
         if isinstance(model, (str, os.PathLike)):
             path = pathlib.Path(model)
             self.name = str(path)
+            self.folder = path.resolve().parent
             try:  # the graph without its weights for the session, lazy weights for reading
                 self.proto = onnx.load(os.fspath(path), load_external_data=False)
+                _load_small_external_tensors(self.proto, self.folder)
                 self.ir = ir.load(os.fspath(path))
             except Exception as e:
                 raise (model_file_error(e, path) or ModelFileError(f"{path}: cannot load the {role} model: {e}")) from e
-            self.folder = path.resolve().parent
         elif isinstance(model, onnx.ModelProto):
-            self.proto, self.ir, self.name = model, ir.from_proto(model), source or f"the {role} model"
+            self.proto, self.name = model, source or f"the {role} model"
+            try:
+                self.ir = ir.from_proto(model)
+            except Exception as e:  # two nodes writing one value, a malformed tensor, ...
+                raise _LoadError(f"{self.name}: cannot read the {role} model: {_first_line(e)}") from e
         elif isinstance(model, ir.Model):
             self.ir, self.name = model, source or f"the {role} model"
         else:
@@ -175,14 +180,33 @@ class _Model:
                 raise _LoadError(f"{self.name}: onnxruntime cannot load the {self.role} model: {_first_line(e)}") from e
             del model  # the serialised model (as large as the weights) is not needed past this point
         fetch = [n for n in names if n]
+        held = [session]  # emptied on exit: the session (and its memory) goes even if the runner stays
+        del session
         try:
-            yield lambda feeds: dict(zip(fetch, session.run(fetch, feeds)))
+            yield lambda feeds: dict(zip(fetch, held[0].run(fetch, feeds)))
         finally:
-            del session
+            held.clear()
 
 
 class _LoadError(Exception):
     pass
+
+
+#: External tensors up to this size are read into the proto: onnxruntime's shape inference at
+#: load time needs shape constants inline (it cannot read them from external data).
+_INLINE_EXTERNAL_BYTES = 64 * 1024
+
+
+def _load_small_external_tensors(proto: onnx.ModelProto, folder: pathlib.Path) -> None:
+    from onnx import external_data_helper
+
+    for tensor in external_data_helper._get_all_tensors(proto):
+        if external_data_helper.uses_external_data(tensor):
+            info = external_data_helper.ExternalDataInfo(tensor)
+            if info.length is not None and info.length <= _INLINE_EXTERNAL_BYTES:
+                external_data_helper.load_external_data_for_tensor(tensor, os.fspath(folder))
+                tensor.data_location = onnx.TensorProto.DEFAULT
+                del tensor.external_data[:]
 
 
 def _first_line(e: BaseException) -> str:
@@ -259,15 +283,6 @@ def _channel_slice(param: np.ndarray, take: slice, groups: int, channels: int) -
     return flat[take]
 
 
-def _constant_array(value: ir.Value) -> np.ndarray | None:
-    if value.const_value is not None:
-        return value.const_value.numpy()
-    node = value.producer()
-    if node is not None and node.op_type == "Constant" and "value" in node.attributes:
-        return node.attributes["value"].as_tensor().numpy()
-    return None
-
-
 def _layers(model: ir.Model) -> list[_Layer]:
     """Our op's nodes and standard GroupNormalization nodes in the main graph (subgraphs
     and functions are judged by the model outputs only)."""
@@ -289,7 +304,7 @@ def _layers(model: ir.Model) -> list[_Layer]:
             epsilon = attrs["epsilon"].as_float() if "epsilon" in attrs else 1e-5
         constants = {}
         for p in params:
-            if p is not None and (array := _constant_array(p)) is not None:
+            if p is not None and (array := inputs_module.constant_array(p)) is not None:
                 constants[p.name] = array
         layers.append(_Layer(
             node=node.name or node.outputs[0].name, x=node.inputs[0].name, y=node.outputs[0].name,
@@ -471,8 +486,14 @@ def verify(
     onnxruntime is missing, ModelFileError when onnxruntime refuses the original model.
     """
     _onnxruntime()
-    before = _Model(original, "original", source)
-    after = _Model(rewritten, "fused", "")
+    try:
+        before = _Model(original, "original", source)
+    except _LoadError as e:
+        raise ModelFileError(str(e)) from e
+    try:
+        after = _Model(rewritten, "fused", "")
+    except _LoadError as e:  # the fused model is ours: a bug, not bad input
+        raise RuntimeError(str(e)) from e
     plan = inputs_module.Plan(before.ir, spec, seed=seed)
     layers = _layers(after.ir)
     for layer in layers:

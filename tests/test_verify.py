@@ -238,11 +238,28 @@ def test_a_wrong_fusion_fails(build, mutate):
 # -- errors and the CLI ----------------------------------------------------------------------
 
 
-def test_model_onnxruntime_refuses_is_a_model_file_error():
-    model = large_mean_model()
+def _unknown_op(model):
     model.graph.node.insert(0, helper.make_node("NoSuchOp", ["x"], ["unused"], domain="unknown.domain"))
     model.opset_import.append(helper.make_opsetid("unknown.domain", 1))
-    with pytest.raises(ModelFileError, match="m.onnx: onnxruntime cannot load the model"):
+
+
+def _cycle(model):
+    model.graph.node.extend([helper.make_node("Relu", ["c2"], ["c1"]), helper.make_node("Relu", ["c1"], ["c2"])])
+
+
+def _undefined(model):
+    model.graph.node.append(helper.make_node("Relu", ["nowhere"], ["dead"]))
+
+
+def _ir_version_99(model):
+    model.ir_version = 99
+
+
+@pytest.mark.parametrize("break_", [_unknown_op, _cycle, _undefined, _ir_version_99], ids=lambda f: f.__name__.strip("_"))
+def test_model_onnxruntime_refuses_is_a_model_file_error(break_):
+    model = large_mean_model()
+    break_(model)
+    with pytest.raises(ModelFileError, match="^m.onnx: (onnxruntime cannot load the model|malformed model)"):
         verify_module.verify(model, model, source="m.onnx")
 
 
@@ -321,3 +338,59 @@ def test_verify_passes_on_every_model(entry):
     v = report.verification
     assert v.verdict == "passed", v.summary_lines()
     assert all(c.fused_ratio <= 1 for c in v.layers)
+
+
+
+@pytest.mark.parametrize("case", ["string", "no_shape"])
+def test_inputs_that_cannot_be_made_name_the_input_and_the_flag(case):
+    model = large_mean_model()
+    extra = helper.make_tensor_value_info("extra", TensorProto.STRING if case == "string" else F32, [2] if case == "string" else None)
+    model.graph.input.append(extra)
+    model.graph.node.append(helper.make_node("Identity", ["extra"], ["extra_out"]))
+    model.graph.output.append(helper.make_tensor_value_info("extra_out", extra.type.tensor_type.elem_type, None))
+    flag = "--inputs FILE.npz" if case == "string" else "--input-shape NAME=DxD"
+    with pytest.raises(UsageError, match=f"input 'extra'.*{flag}"):
+        verify_module.verify(model, model)
+
+
+def test_external_data_models_are_run_from_files(tmp_path, monkeypatch):
+    """A path with external data is given to onnxruntime with its folder (the weights are never
+    loaded into a proto); a model over the 2 GB limit (the limit lowered here) is written to a
+    temporary folder with external data instead of being serialised."""
+    import onnx_ir as ir
+
+    model = conv_stack_model()
+    fused, _ = _fused(model)
+    onnx.save(conv_stack_model(), tmp_path / "in.onnx", save_as_external_data=True, all_tensors_to_one_file=True, location="in.onnx.data", size_threshold=0)
+    before = (tmp_path / "in.onnx.data").read_bytes()
+    v = verify_module.verify(tmp_path / "in.onnx", fused)
+    assert v.verdict == "passed" and v.layers[0].original_error is not None
+    assert (tmp_path / "in.onnx.data").read_bytes() == before
+    monkeypatch.setattr(verify_module, "EXTERNAL_DATA_THRESHOLD", 0)
+    import onnxruntime
+
+    loaded, real_session = [], onnxruntime.InferenceSession
+
+    def session(model, *args, **kwargs):
+        loaded.append(type(model))
+        return real_session(model, *args, **kwargs)
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", session)
+    fused_ir = ir.from_proto(fused)
+    v = verify_module.verify(model, fused_ir)
+    assert v.verdict == "passed" and loaded == [str, str]  # both from files, neither as bytes
+    assert len(fused_ir.graph.outputs) == 1  # the extra outputs are taken off again
+
+
+def test_large_layers_are_compared_a_few_groups_at_a_time(monkeypatch):
+    """Chunking over groups (to bound the float64 temporaries) measures the same errors as the
+    whole layer: groups are independent."""
+    model = large_mean_model()
+    fused, _ = _fused(model)
+    whole = verify_module.verify(model, fused)
+    monkeypatch.setattr(verify_module, "_CHUNK_ELEMENTS", 64)  # a 2304-value layer: one group at a time
+    chunked = verify_module.verify(model, fused)
+    for a, b in zip(whole.layers, chunked.layers, strict=True):
+        assert b.fused_error == pytest.approx(a.fused_error, rel=1e-9)
+        assert b.original_error == pytest.approx(a.original_error, rel=1e-9)
+    assert chunked.verdict == whole.verdict == verify_module.MORE_ACCURATE

@@ -17,7 +17,8 @@ Per model and target (``onnx_groupnorm.rewriter.TARGETS`` read at run time, minu
   targets rotates each round); ratio = median over rounds of (target run / the same round's original
   run), below 1 is faster; the pairing within a round compensates the drift of a shared machine;
 * OpenVINO CPU, the same rounds, ``INFERENCE_PRECISION_HINT=f32`` and 2 threads
-  (``INFERENCE_NUM_THREADS``); a model OpenVINO cannot compile gets ``fails: <reason>``.
+  (``INFERENCE_NUM_THREADS``); a model OpenVINO cannot compile gets ``fails: <reason>`` (each model
+  is first compiled in a child process: some crash OpenVINO instead of raising).
 
 ``--profile``: onnxruntime's per-node profiler (``SessionOptions.enable_profiling``, same session
 settings) over ``--profile-runs`` runs after one warm-up, aggregated by op type: share of node time
@@ -128,6 +129,25 @@ def ort_runner(path, inputs):
     return lambda: sess.run(None, feeds)
 
 
+_OV_PROBE = """import sys, json, openvino
+openvino.Core().compile_model(sys.argv[1], "CPU", json.loads(sys.argv[2]))
+"""
+
+
+def ov_probe(path):
+    """Why OpenVINO cannot compile ``path`` (None if it can), asked in a child process: on some of
+    these models ``compile_model`` does not raise but crashes the process (SIGSEGV)."""
+    proc = subprocess.run([sys.executable, "-c", _OV_PROBE, str(path), json.dumps(OV_CONFIG)],
+                          capture_output=True, text=True)
+    if proc.returncode < 0:
+        return f"compile_model crashes (signal {-proc.returncode})"
+    if proc.returncode != 0:
+        lines = [ln.strip() for ln in proc.stderr.splitlines() if ln.strip()]
+        text = next((ln for ln in lines if "conversion rule" in ln), lines[-1] if lines else "")
+        return text[:160]
+    return None
+
+
 def ov_runner(core, path, inputs):
     compiled = core.compile_model(str(path), "CPU", OV_CONFIG)
     req = compiled.create_infer_request()
@@ -203,6 +223,10 @@ def bench_model(name, targets, repeats, workdir, use_ov):
         core = ov.Core()
         ov_runners = {}
         for k, p in paths.items():
+            why = ov_probe(p)
+            if why:
+                (orig if k == "original" else rows[k])["ov_fail"] = why
+                continue
             try:
                 ov_runners[k] = ov_runner(core, p, ins)
             except Exception as e:  # noqa: BLE001 - a model OpenVINO cannot load is a result

@@ -38,6 +38,7 @@ from . import _shapes
 from . import rules as rules_module
 from . import targets as targets_module
 from ._graphs import graph_likes, is_our_function, is_ours
+from .errors import one_line
 from .report import FusedLayer, FuseReport, Skipped
 from .rules import activation as activation_rules
 
@@ -112,11 +113,6 @@ def _constants_for_inference(model: ir.Model) -> Iterator[bool]:
             value.const_value = tensor
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0][:200] if text else type(error).__name__
-
-
 class _Capture(logging.Handler):
     """Takes onnx-ir's shape-inference log records (it logs a failure with a traceback and
     carries on) so that the report gets one line and the user's console none."""
@@ -127,7 +123,7 @@ class _Capture(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         if record.exc_info and self.failure is None:
-            self.failure = _first_line(record.exc_info[1])
+            self.failure = one_line(record.exc_info[1])
             logger.debug("shape inference failed", exc_info=record.exc_info)
 
 
@@ -396,7 +392,7 @@ def _checker_error(model: ir.Model) -> str | None:
         with _initializer_order_kept(model):
             common_passes.CheckerPass()(model)
     except onnx.checker.ValidationError as e:
-        return _first_line(e)
+        return one_line(e)
     return None
 
 
@@ -497,7 +493,7 @@ class GroupNormFusionPass(ir.passes.InPlacePass):
         except Exception as e:  # the converter cannot upgrade every model
             report.notes.append(
                 f"default-domain opset {opset} is below {contract.MIN_OPSET}, the lowest our function body "
-                f"supports, and onnx.version_converter could not raise it ({_first_line(e)}): nothing fused"
+                f"supports, and onnx.version_converter could not raise it ({one_line(e)}): nothing fused"
             )
             return ir.passes.PassResult(model, modified=False)
         inner = GroupNormFusionPass(

@@ -47,7 +47,7 @@ from ..ops.reference import group_normalization
 from ..ops.tolerances import Tolerance
 from . import inputs as inputs_module
 from ._graphs import is_ours
-from .errors import ModelFileError, UsageError, model_file_error
+from .errors import ModelFileError, UsageError, model_file_error, one_line
 from .io import EXTERNAL_DATA_THRESHOLD
 from .report import LayerCheck, OutputCheck, Verification
 
@@ -117,7 +117,7 @@ class _Model:
             try:
                 self.ir = ir.from_proto(model)
             except Exception as e:  # two nodes writing one value, a malformed tensor, ...
-                raise _LoadError(f"{self.name}: cannot read the {role} model: {_first_line(e)}") from e
+                raise _LoadError(f"{self.name}: cannot read the {role} model: {one_line(e)}") from e
         elif isinstance(model, ir.Model):
             self.ir, self.name = model, source or f"the {role} model"
         else:
@@ -177,7 +177,7 @@ class _Model:
             try:
                 session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
             except Exception as e:
-                raise _LoadError(f"{self.name}: onnxruntime cannot load the {self.role} model: {_first_line(e)}") from e
+                raise _LoadError(f"{self.name}: onnxruntime cannot load the {self.role} model: {one_line(e)}") from e
             del model  # the serialised model (as large as the weights) is not needed past this point
         fetch = [n for n in names if n]
         held = [session]  # emptied on exit: the session (and its memory) goes even if the runner stays
@@ -207,11 +207,6 @@ def _load_small_external_tensors(proto: onnx.ModelProto, folder: pathlib.Path) -
                 external_data_helper.load_external_data_for_tensor(tensor, os.fspath(folder))
                 tensor.data_location = onnx.TensorProto.DEFAULT
                 del tensor.external_data[:]
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return (text[0] if text else type(e).__name__)[:300]
 
 
 # -- the fused layers -------------------------------------------------------------------------
@@ -422,7 +417,7 @@ def _confirmed(model: ir.Model, layer: _Layer, x: np.ndarray, values: dict[str, 
 
         (y64,) = ReferenceEvaluator(sub).run(None, {layer.x: x.astype(np.float64)})
     except Exception as e:  # an op the reference evaluator lacks, or one without float64
-        return False, f"layer {layer.node}: cannot evaluate its original subgraph in float64 ({_first_line(e)})"
+        return False, f"layer {layer.node}: cannot evaluate its original subgraph in float64 ({one_line(e)})"
     d = _diff(y64, layer.reference(x, values), CONFIG_TOLERANCE)
     if d.ratio <= 1 and d.same_positions:
         return True, ""
@@ -450,7 +445,7 @@ def _run_sets(plan: inputs_module.Plan, run: Callable[[dict], dict], source: str
             break
     else:
         name = plan.first_dynamic_input
-        reason = f" ({_first_line(last)})" if last is not None else ""
+        reason = f" ({one_line(last)})" if last is not None else ""
         raise UsageError(
             f"{source}: input {name!r}: the original model ran on none of the input sizes tried{reason}; "
             f"give sizes with {inputs_module.FLAG_SHAPE} or arrays with {inputs_module.FLAG_INPUTS}"
@@ -519,7 +514,7 @@ def verify(
                 try:
                     fused.append(tally.add("fused", i, run(feeds)))
                 except Exception as e:
-                    return failed(f"the fused model failed on input set {i + 1} that the original ran on: {_first_line(e)}")
+                    return failed(f"the fused model failed on input set {i + 1} that the original ran on: {one_line(e)}")
     except _LoadError as e:
         return failed(str(e))
     return _judge(before, tally, [expected for _, expected in sets], fused, shapes)

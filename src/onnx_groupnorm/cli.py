@@ -94,35 +94,16 @@ def _node_count(model) -> int:
     return sum(len(graph) for graph in model.graphs())
 
 
-def _in_graph_order(report, model) -> None:
-    """List the fused layers in the order their nodes run, not by name."""
-    position = {}
-    for graph in model.graphs():
-        for node in graph:
-            position.setdefault(node.name, len(position))
-    report.fused.sort(key=lambda layer: position.get(layer.node, len(position)))
-
-
-def _pipeline_ready(model):
-    """Interim, until fuse() keeps external tensors lazy end to end (issue #11) and
-    verification builds its sessions by path (issue #9): the pipeline serialises the model
-    to a proto, which must then hold the weights, so below the 2 GB threshold external
-    tensors are read into memory first. Above it they stay memory-mapped."""
+def _weights_in_memory(model):
+    """Verification runs the input as a proto in onnxruntime, which must then hold the
+    weights: below the 2 GB threshold (above it --verify is refused) external tensors are
+    read into memory first. Without --verify they stay memory-mapped end to end."""
     import onnx_ir as ir
 
     from .rewriter import io
 
     if io.estimated_size(model) <= io.EXTERNAL_DATA_THRESHOLD:
         ir.external_data.load_to_model(model)
-    return model
-
-
-def _external_rebased(model, input_path: pathlib.Path):
-    """fuse() returns a new model today (the same object once the pipeline is an onnx-ir
-    pass); its external tensors lost the input's folder on the way: give it back."""
-    import onnx_ir as ir
-
-    ir.external_data.set_base_dir(model.graph, str(input_path.parent))
     return model
 
 
@@ -152,7 +133,7 @@ def _fuse(args) -> int:
         logger.warning(_ONNX_TARGET_WARNING)
     nodes_before = _node_count(model)
     fused, report = fuse(
-        _pipeline_ready(model),
+        _weights_in_memory(model) if args.verify else model,
         verify=args.verify,
         keep_standard=args.keep_standard,
         target=args.target,
@@ -161,8 +142,6 @@ def _fuse(args) -> int:
         seed=args.seed,
         verify_inputs=verify_inputs,
     )
-    fused = _external_rebased(fused, args.input)
-    _in_graph_order(report, fused)
     _say(args, report.summary(nodes=(nodes_before, _node_count(fused))))
     if args.report is not None:
         io.save_text(report.to_json() + "\n", args.report)
@@ -212,8 +191,7 @@ def _inspect(args) -> int:
     io.check_paths(args.input)
     model = io.load_model(args.input)
     ours = _already_fused(model)
-    fused, report = fuse(_pipeline_ready(model), keep_standard=args.keep_standard, source=str(args.input))
-    _in_graph_order(report, fused)
+    _, report = fuse(model, keep_standard=args.keep_standard, source=str(args.input))
     if args.json:
         data = report.to_dict()
         print(json.dumps({"source": data["source"], "already_fused": ours, "would_fuse": data["fused"], "skipped": data["skipped"], "notes": data["notes"]}, indent=2))

@@ -6,6 +6,12 @@ import it. A model ``NAME`` is four files in ``OUT_DIR`` (default ``/work/bigmod
 FRAMEWORK's outputs ``out_0..`` (the convention of ``models/``); ``NAME.json`` (route, exporter,
 versions, onnxruntime's error against the framework); and ``NAME.ready``, written last, so other
 work can start on a model as soon as it is complete.
+
+A model above 2 GB (weights in external data: TorchScript writes one file per tensor beside the
+``.onnx``, dynamo one ``.data`` file) gets its own folder, the same four files in
+``OUT_DIR/NAME/`` with the external data beside them (``main(.., folders=NAMES)``). Its ``.ready``
+is then not in ``OUT_DIR`` itself, so the benchmark's latency pairs (``bench_realsize.py``) do not
+pick it up; ``tests/test_big_real.py`` and ``benchmarks/fuse_memory.py --model`` use it.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import os
 import pathlib
 import platform
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -29,9 +36,22 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "models" / 
 from _common import package_versions  # noqa: E402
 from _manifest import save_npz  # noqa: E402  (the npz convention of models/)
 
-__all__ = ["OUT_DIR", "versions", "ort_outputs", "max_err", "record", "main"]
+__all__ = ["OUT_DIR", "model_dir", "external_files", "versions", "ort_outputs", "max_err", "record", "main"]
 
 OUT_DIR = pathlib.Path(os.environ.get("BIGMODELS", "/work/bigmodels"))
+
+
+def model_dir(name: str, folders=()) -> pathlib.Path:
+    """Where ``NAME.onnx`` and its npz / json / ready go: ``OUT_DIR``, or ``OUT_DIR/NAME`` for a
+    name in ``folders`` (a model whose external data is many files)."""
+    return OUT_DIR / name if name in folders else OUT_DIR
+
+
+def external_files(model: onnx.ModelProto) -> list:
+    """The external data files the initializers of ``model`` (loaded without its data) point at."""
+    locations = {e.value for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
+                 for e in t.external_data if e.key == "location"}
+    return sorted(locations)
 
 
 def versions(packages) -> dict:
@@ -66,6 +86,7 @@ def record(name, path, inputs, outputs, *, route, exporter, expected_gn, package
         raise RuntimeError(f"{name}: onnxruntime shapes {[g.shape for g in got]} != framework "
                            f"{[np.shape(o) for o in outputs]}")
     err = max_err(got, outputs)
+    ext = external_files(m)
     meta = {
         "name": name, "route": route, "exporter": exporter, "expected_group_norms": expected_gn,
         "opset": next(o.version for o in m.opset_import if o.domain in ("", "ai.onnx")),
@@ -73,7 +94,8 @@ def record(name, path, inputs, outputs, *, route, exporter, expected_gn, package
         "input_shapes": [list(np.shape(x)) for x in inputs],
         "ort_vs_framework_max_abs_err": err,
         "output_max_abs": float(max(np.max(np.abs(o)) for o in outputs)),
-        "bytes": path.stat().st_size, "export_s": export_s, "versions": versions(packages), "notes": notes,
+        "bytes": path.stat().st_size + sum((path.parent / f).stat().st_size for f in ext),
+        "external_data_files": len(ext), "export_s": export_s, "versions": versions(packages), "notes": notes,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
     if extra is not None:
@@ -89,10 +111,11 @@ def record(name, path, inputs, outputs, *, route, exporter, expected_gn, package
     return meta
 
 
-def main(script: str, names: list, build, description: str) -> int:
+def main(script: str, names: list, build, description: str, folders=()) -> int:
     """``--only NAME..`` / ``--force``; each model in its own child process (memory is returned
     between exports and one failing exporter does not stop the others). ``build(name, out_dir)``
-    makes one model; an existing ``NAME.ready`` is skipped unless ``--force``."""
+    makes one model in ``out_dir`` (``model_dir(name, folders)``); an existing ``NAME.ready`` is
+    skipped unless ``--force``."""
     ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--only", nargs="+", default=None, choices=names, metavar="NAME")
     ap.add_argument("--force", action="store_true", help="rebuild models that are already ready")
@@ -100,20 +123,27 @@ def main(script: str, names: list, build, description: str) -> int:
     args = ap.parse_args()
     OUT_DIR.mkdir(parents=True, exist_ok=True)
     if args.child:
+        out_dir = model_dir(args.child, folders)
+        if out_dir != OUT_DIR:  # a rebuild must not leave tensor files of the previous export
+            shutil.rmtree(out_dir, ignore_errors=True)
+            out_dir.mkdir()
         try:
-            build(args.child, OUT_DIR)
+            build(args.child, out_dir)
         except Exception:  # noqa: BLE001 - reported to the parent through the exit status
             traceback.print_exc()
+            if out_dir != OUT_DIR:
+                shutil.rmtree(out_dir, ignore_errors=True)
             for ext in (".onnx", ".npz", ".json", ".ready", ".onnx.data"):
                 (OUT_DIR / f"{args.child}{ext}").unlink(missing_ok=True)
             return 1
         return 0
     failed = []
     for name in args.only or names:
-        if (OUT_DIR / f"{name}.ready").exists() and not args.force:
+        ready = model_dir(name, folders) / f"{name}.ready"
+        if ready.exists() and not args.force:
             print(f"skip {name}: ready", flush=True)
             continue
-        (OUT_DIR / f"{name}.ready").unlink(missing_ok=True)
+        ready.unlink(missing_ok=True)
         rc = subprocess.run([sys.executable, script, "--child", name]).returncode
         if rc != 0:
             print(f"FAIL {name} (exit {rc})", flush=True)

@@ -11,8 +11,14 @@ Run in /opt/venvs/bench-torch (see README.md): ``python benchmarks/realsize/make
 * ``unet2d``: diffusers ``UNet2DModel``, a small config with attention, sample 1x3x64x64, timestep.
 * ``resnet50_gn``: ResNet-50 (bottleneck 3/4/6/3) written out with torch layers, every BatchNorm a
   ``GroupNorm(32, c)`` (53 of them), 1x3x224x224.
+* ``sd_unet``: diffusers ``UNet2DConditionModel`` with Stable Diffusion 1.x's config (320/640/1280/1280,
+  2 layers per block, cross-attention dim 768, 8 heads: ~860 M parameters, 3.4 GB float32, 61
+  GroupNorms), sample 1x4x32x32 (the weights do not depend on it; SD's 64x64 only makes CPU runs
+  slower), timestep, encoder_hidden_states 1x77x768. Above 2 GB: weights in external data, so each
+  export gets its own folder ``OUT_DIR/NAME/`` (TorchScript writes one file per tensor there,
+  dynamo one ``NAME.onnx.data``). Static shapes only; the export needs ~10-15 GiB of memory.
 
-Each in four routes: ``_ts`` (``torch.onnx.export(dynamo=False)``) / ``_dynamo``, ``_static`` /
+The first four in four routes: ``_ts`` (``torch.onnx.export(dynamo=False)``) / ``_dynamo``, ``_static`` /
 ``_dyn`` (H, W dynamic: ``dynamic_axes`` / ``dynamic_shapes`` with ``Dim.AUTO``; a dynamic export is
 also checked at a second size). Weights: torch's seeded initialisation, then every GroupNorm's
 weight ~ 1 + 0.5 N and bias ~ 0.5 N (as in models/), so the affine part is not the identity.
@@ -37,6 +43,12 @@ SD_VAE = dict(
     in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, norm_num_groups=32,
     block_out_channels=(128, 256, 512, 512), sample_size=512,
     down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+)
+SD_UNET = dict(  # Stable Diffusion 1.x (runwayml/stable-diffusion-v1-5 unet/config.json)
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, norm_num_groups=32,
+    block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
 )
 UNET = dict(
     sample_size=64, in_channels=3, out_channels=3, layers_per_block=1, norm_num_groups=32,
@@ -71,6 +83,15 @@ class Unet(torch.nn.Module):
 
     def forward(self, sample, timestep):
         return self.unet(sample, timestep).sample
+
+
+class SdUnet(torch.nn.Module):
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample, timestep, encoder_hidden_states):
+        return self.unet(sample, timestep, encoder_hidden_states).sample
 
 
 class Bottleneck(torch.nn.Module):
@@ -145,6 +166,13 @@ def _family(family):
         inputs = [rng.standard_normal((1, 3, 64, 64)).astype(np.float32), t]
         extra = [rng.standard_normal((1, 3, 48, 80)).astype(np.float32), t]
         notes = f"diffusers UNet2DModel {UNET}"
+    elif family == "sd_unet":
+        from diffusers import UNet2DConditionModel
+        mod, gn = SdUnet(UNet2DConditionModel(**SD_UNET)), None
+        inputs = [rng.standard_normal((1, 4, 32, 32)).astype(np.float32), np.array([10], np.int64),
+                  rng.standard_normal((1, 77, 768)).astype(np.float32)]
+        extra = None  # static exports only
+        notes = f"diffusers UNet2DConditionModel, Stable Diffusion 1.x config {SD_UNET}"
     elif family == "resnet50_gn":
         mod, gn = ResNet50GN(), 53
         inputs = [rng.standard_normal((1, 3, 224, 224)).astype(np.float32)]
@@ -160,6 +188,10 @@ def _family(family):
 FAMILIES = ["sd_vae_decoder", "sd_vae_encoder", "unet2d", "resnet50_gn"]
 # the TorchScript static decoder first: the first model others profile
 NAMES = [f"{f}_{exp}_{shape}" for f in FAMILIES for exp in ("ts", "dynamo") for shape in ("static", "dyn")]
+# above 2 GB, each in its own folder; last, as they take the longest and the most memory
+BIG = ["sd_unet_ts_static", "sd_unet_dynamo_static"]
+NAMES += BIG
+INPUT_NAMES = {"unet2d": ["sample", "timestep"], "sd_unet": ["sample", "timestep", "encoder_hidden_states"]}
 
 
 def build(name, out_dir):
@@ -172,13 +204,14 @@ def build(name, out_dir):
     with torch.no_grad():
         outputs = [mod(*tin).numpy()]
         extra_out = [mod(*[torch.from_numpy(x) for x in extra]).numpy()] if shape == "dyn" else None
-    in_names = ["sample", "timestep"][:len(inputs)] if family == "unet2d" else ["x"]
+    in_names = INPUT_NAMES.get(family, ["x"])
     path = out_dir / f"{name}.onnx"
     t0 = time.perf_counter()
     if exporter == "ts":
         kw = {}
         if shape == "dyn":
             kw["dynamic_axes"] = {in_names[0]: {2: "H", 3: "W"}, "y": {2: "H_out", 3: "W_out"}}
+        # above 2 GB it writes every initializer to its own file beside path (no option to change it)
         torch.onnx.export(mod, tuple(tin), str(path), dynamo=False, input_names=in_names, output_names=["y"],
                           opset_version=17, **kw)
         route = "torch.onnx.export(dynamo=False), opset 17"
@@ -189,9 +222,10 @@ def build(name, out_dir):
             spec = {2: auto, 3: auto}
             kw["dynamic_shapes"] = (spec, None) if family == "unet2d" else (spec,)
         prog = torch.onnx.export(mod, tuple(tin), dynamo=True, input_names=in_names, output_names=["y"], **kw)
-        prog.save(str(path), external_data=False)
+        prog.save(str(path), external_data=name in BIG)  # one NAME.onnx.data beside it
         route = "torch.onnx.export(dynamo=True)"
     export_s = time.perf_counter() - t0
+    del mod, tin  # the ORT check of a 3.4 GB model needs the memory more
     route += ", H/W dynamic" if shape == "dyn" else ", static"
     return _realsize.record(name, path, inputs, outputs, route=route, exporter=f"torch.onnx {exporter}",
                             expected_gn=gn, packages=PACKAGES, notes=notes, export_s=export_s,
@@ -199,4 +233,4 @@ def build(name, out_dir):
 
 
 if __name__ == "__main__":
-    sys.exit(_realsize.main(__file__, NAMES, build, __doc__.splitlines()[0]))
+    sys.exit(_realsize.main(__file__, NAMES, build, __doc__.splitlines()[0], folders=BIG))

@@ -14,12 +14,25 @@ Goal (issue #8): peak RSS within 2.5x the weights + 300 MiB, under ~3 s per 100 
 ``--pythonpath DIR`` measures another checkout (a tree holding ``onnx_groupnorm`` with its
 ``ops`` and ``rewriter`` inside) for a before/after table.
 
+``--model PATH`` measures a given model instead (e.g. the 3.4 GB Stable Diffusion UNet of
+``realsize/make_torch_models.py``, ``/work/bigmodels/sd_unet_ts_static/sd_unet_ts_static.onnx``):
+the CLI itself (``python -m onnx_groupnorm fuse PATH -o OUT --report R --target T``) once per
+``--targets`` entry, under ``/usr/bin/time -v``; per row also the layers fused against the
+GroupNorms the export recorded (``NAME.json`` beside the model), whether the input's files
+(the model and every external data file it references) hash the same after the run, whether
+the output holds its weights in external data, and, when ``NAME.npz`` is beside the model,
+onnxruntime's max abs difference fused vs original on its inputs and fused vs the framework's
+output (in a child process, one session at a time: ~2x the model in memory).
+
     python benchmarks/fuse_memory.py [--workdir /tmp/fuse_memory] [--blocks 21] [--constant-mib 64] [--pythonpath DIR]
+    python benchmarks/fuse_memory.py --model PATH [--targets ort,portable] [--no-parity]
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import os
 import pathlib
 import re
@@ -110,11 +123,17 @@ def build(path: pathlib.Path, blocks: int, constant_mib: int) -> int:
 
 def measure(mode: str, src: pathlib.Path, dst: pathlib.Path, pythonpath: str | None) -> tuple[float, float, str]:
     """Peak RSS (MiB) and wall seconds of one fuse in a fresh process, and its output."""
+    code = _RUN[mode].format(src=str(src), dst=str(dst))
+    return timed([sys.executable, "-c", code], pythonpath)
+
+
+def timed(command: list[str], pythonpath: str | None = None) -> tuple[float, float, str]:
+    """Peak RSS (MiB) and wall seconds of ``command`` under ``/usr/bin/time -v``, and its stdout
+    (``/usr/bin/time`` is the parent: the peak is the command's own, not this process' size)."""
     env = dict(os.environ)
     if pythonpath:
         env["PYTHONPATH"] = pythonpath
-    code = _RUN[mode].format(src=str(src), dst=str(dst))
-    done = subprocess.run(["/usr/bin/time", "-v", sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    done = subprocess.run(["/usr/bin/time", "-v", *command], capture_output=True, text=True, env=env)
     if done.returncode:
         errors = [line for line in done.stderr.splitlines() if "Error" in line]
         return float("nan"), float("nan"), "failed: " + (errors[-1] if errors else "see stderr")[:160]
@@ -124,6 +143,83 @@ def measure(mode: str, src: pathlib.Path, dst: pathlib.Path, pythonpath: str | N
     return rss_kib / 1024, seconds, done.stdout.strip()
 
 
+# ---------------------------------------------------------------- --model: the CLI on a given model
+
+_PARITY = r"""
+import json, sys, numpy as np, onnxruntime as ort
+data = np.load(sys.argv[3])
+inputs = [data[f"in_{i}"] for i in range(sum(k.startswith("in_") for k in data))]
+framework = [data[f"out_{i}"] for i in range(sum(k.startswith("out_") for k in data))]
+so = ort.SessionOptions(); so.log_severity_level = 3; so.intra_op_num_threads = 2
+outs = []
+for path in sys.argv[1:3]:
+    s = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    outs.append(s.run(None, {i.name: x for i, x in zip(s.get_inputs(), inputs)})); del s
+err = lambda a, b: max(float(np.max(np.abs(np.asarray(x, np.float64) - y))) for x, y in zip(a, b))
+print(json.dumps({"fused_vs_original": err(outs[1], outs[0]), "fused_vs_framework": err(outs[1], framework),
+                  "original_vs_framework": err(outs[0], framework)}))
+"""
+
+
+def input_files(model: pathlib.Path) -> list[pathlib.Path]:
+    """The model file and every external data file it references."""
+    from onnx_groupnorm.rewriter import io
+
+    return [model, *sorted(io.referenced_files(model))]
+
+
+def digest(paths: list[pathlib.Path]) -> str:
+    h = hashlib.sha256()
+    for path in paths:
+        h.update(path.name.encode())
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 24):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def parity(original: pathlib.Path, fused: pathlib.Path, npz: pathlib.Path) -> dict:
+    done = subprocess.run([sys.executable, "-c", _PARITY, str(original), str(fused), str(npz)], capture_output=True, text=True)
+    if done.returncode:
+        return {"error": (done.stderr.strip().splitlines() or ["?"])[-1][:160]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def measure_model(model: pathlib.Path, targets: list[str], workdir: pathlib.Path, check_parity: bool) -> None:
+    """The CLI on ``model`` once per target: one markdown row each (see the module docstring)."""
+    files = input_files(model)
+    weights_mib = sum(p.stat().st_size for p in files) / 2**20
+    meta_path, npz = model.with_suffix(".json"), model.with_suffix(".npz")
+    expected = json.loads(meta_path.read_text()).get("expected_group_norms") if meta_path.exists() else None
+    before = digest(files)
+    budget = 2.5 * weights_mib + 300
+    print(f"model: {model}, {weights_mib:,.0f} MiB in {len(files)} file(s), {expected} GroupNorms recorded by the export")
+    print("| target | peak RSS MiB | RSS / model | budget 2.5x+300 MiB | wall s | s per 100 MB | fused / GroupNorms | input unchanged | "
+          "output external data | max abs fused vs original | fused vs framework (export's own) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for target in targets:
+        with tempfile.TemporaryDirectory(dir=workdir) as out:
+            fused, report_path = pathlib.Path(out) / "fused.onnx", pathlib.Path(out) / "report.json"
+            command = [sys.executable, "-m", "onnx_groupnorm", "fuse", str(model), "-o", str(fused), "--report", str(report_path), "--target", target, "-q"]
+            rss, wall, stdout = timed(command)
+            if not report_path.exists():
+                print(f"| {target} | {stdout} ||||||||||")
+                continue
+            layers = len(json.loads(report_path.read_text())["fused"])
+            external = sorted({e.value for t in onnx.load(fused, load_external_data=False).graph.initializer for e in t.external_data if e.key == "location"})
+            unchanged = "yes" if digest(files) == before else "NO"
+            errors = parity(model, fused, npz) if check_parity and npz.exists() else {}
+        per_100mb = wall / (weights_mib * 2**20 / 1e8)
+        if "error" in errors:
+            diffs = f"| onnxruntime failed: {errors['error']} |"
+        elif errors:
+            diffs = f"| {errors['fused_vs_original']:.2e} | {errors['fused_vs_framework']:.2e} ({errors['original_vs_framework']:.2e}) |"
+        else:
+            diffs = "| - | - |"
+        print(f"| {target} | {rss:,.0f} | {rss / weights_mib:.2f} | {'within' if rss <= budget else 'OVER'} ({budget:,.0f}) | {wall:.1f} | "
+              f"{per_100mb:.2f} | {layers} / {expected} | {unchanged} | {', '.join(external) or 'none'} {diffs}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=pathlib.Path, default=pathlib.Path(tempfile.gettempdir()) / "fuse_memory")
@@ -131,8 +227,14 @@ def main() -> None:
     parser.add_argument("--constant-mib", type=int, default=0, help="add a 1-D int64 Constant node of this size (MiB)")
     parser.add_argument("--pythonpath", help="measure the onnx_groupnorm found on this path instead")
     parser.add_argument("--modes", default="proto,ir")
+    parser.add_argument("--model", type=pathlib.Path, help="measure the CLI on this model instead of building one")
+    parser.add_argument("--targets", default="ort,portable", help="with --model: the CLI's --target values, comma-separated")
+    parser.add_argument("--no-parity", action="store_true", help="with --model: skip the onnxruntime comparison")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
+    if args.model:
+        measure_model(args.model, args.targets.split(","), args.workdir, not args.no_parity)
+        return
     src = args.workdir / f"blocks{args.blocks}_constant{args.constant_mib}.onnx"
     size_file = src.with_suffix(".bytes")
     if not src.exists() or not size_file.exists():

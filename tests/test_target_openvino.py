@@ -109,7 +109,7 @@ def test_openvino_still_crashes_on_the_native_residual_layer(stage, rng, monkeyp
     if not available("openvino"):
         pytest.skip("openvino is not installed")
     model, _, _ = stage
-    monkeypatch.setattr(openvino, "_plan", lambda nodes: {node: openvino._native(node) for node in nodes})
+    monkeypatch.setattr(openvino, "_plan", lambda candidates: {node: openvino._native(node) for _, node in candidates})
     fused, _ = fuse(model, target="openvino")
     assert _mapped(fused) == {RESIDUAL, SILU, PAIR_A, PAIR_B}
     with pytest.raises(RuntimeError, match="signal 11"):

@@ -95,15 +95,18 @@ def _native(node: ir.Node) -> tuple[int, int] | str:
 _ELEMENTWISE = frozenset({"Add", "Sub", "Mul", "Div", "Max", "Min", "Pow", "Mod", "PRelu", "Sum", "Mean", "Where"})
 
 
-def _derives_from(value: ir.Value, source: ir.Value) -> bool:
-    """Whether ``value`` is ``source`` or computed from it (a walk up the producers)."""
+def _derives_from(value: ir.Value, node: ir.Node, position: dict[ir.Node, int]) -> bool:
+    """Whether ``value`` is computed from ``node``'s output: a walk up the producers that stops at
+    nodes placed before ``node`` (graphs are topologically sorted; were one not, a wrong False
+    only inlines one more layer)."""
+    source, start = node.outputs[0], position.get(node, -1)
     seen, stack = set(), [value]
     while stack:
         current = stack.pop()
         if current is source:
             return True
         producer = current.producer()
-        if producer is None or id(producer) in seen:
+        if producer is None or id(producer) in seen or position.get(producer, start + 1) < start:
             continue
         seen.add(id(producer))
         stack.extend(v for v in producer.inputs if v is not None)
@@ -118,14 +121,14 @@ def _computed(value: ir.Value, native: set[ir.Node]) -> bool:
     return value.const_value is None and producer is not None and producer.op_type != "Constant" and producer not in native
 
 
-def _snippet_hazard(node: ir.Node, native: set[ir.Node]) -> str | None:
+def _snippet_hazard(node: ir.Node, native: set[ir.Node], position: dict[ir.Node, int]) -> str | None:
     """Why OpenVINO's CPU plugin could crash on the native op here, else None (module docstring)."""
     out = node.outputs[0]
     for user, _ in out.uses():
         if user.op_type not in _ELEMENTWISE or user.domain not in ("", "ai.onnx"):
             continue
         for other in user.inputs:
-            if other is None or other is out or not _computed(other, native) or _derives_from(other, out):
+            if other is None or other is out or not _computed(other, native) or _derives_from(other, node, position):
                 continue
             return (
                 f"its output feeds {user.op_type} {_label(user)!r} with the computed operand {other.name!r}: "
@@ -134,13 +137,14 @@ def _snippet_hazard(node: ir.Node, native: set[ir.Node]) -> str | None:
     return None
 
 
-def _plan(candidates: list[ir.Node]) -> dict[ir.Node, tuple[int, int] | str]:
+def _plan(candidates: list[tuple[ir.Graph, ir.Node]]) -> dict[ir.Node, tuple[int, int] | str]:
     """(channels, groups) for each node that becomes OpenVINO's op, else why it is inlined.
     Inlining one node can make its neighbour's operand an elementwise one: repeat until stable."""
-    plan = {node: _native(node) for node in candidates}
+    position = {node: i for graph in {id(g): g for g, _ in candidates}.values() for i, node in enumerate(graph)}
+    plan = {node: _native(node) for _, node in candidates}
     while True:
         native = {node for node, form in plan.items() if not isinstance(form, str)}
-        hazards = {node: why for node in native if (why := _snippet_hazard(node, native))}
+        hazards = {node: why for node in native if (why := _snippet_hazard(node, native, position))}
         if not hazards:
             return plan
         plan.update(hazards)
@@ -236,7 +240,7 @@ def lower(model: ir.Model, report: FuseReport) -> None:
         (container, node) for container in list(graph_likes(model)) if not isinstance(container, ir.Function)
         for node in list(container) if is_ours(node)
     ]
-    plan = _plan([node for _, node in candidates])
+    plan = _plan(candidates)
     mapped = 0
     for container, node in candidates:
         native = plan[node]

@@ -121,14 +121,25 @@ def _computed(value: ir.Value, native: set[ir.Node]) -> bool:
     return value.const_value is None and producer is not None and producer.op_type != "Constant" and producer not in native
 
 
+def _users(value: ir.Value) -> list[tuple[ir.Node, ir.Value]]:
+    """The nodes reading ``value``, through Identity nodes (OpenVINO drops them), with the value they read."""
+    found = []
+    for user, _ in value.uses():
+        if user.op_type == "Identity" and user.domain in ("", "ai.onnx"):
+            found += _users(user.outputs[0])
+        else:
+            found.append((user, value))
+    return found
+
+
 def _snippet_hazard(node: ir.Node, native: set[ir.Node], position: dict[ir.Node, int]) -> str | None:
     """Why OpenVINO's CPU plugin could crash on the native op here, else None (module docstring)."""
     out = node.outputs[0]
-    for user, _ in out.uses():
+    for user, value in _users(out):
         if user.op_type not in _ELEMENTWISE or user.domain not in ("", "ai.onnx"):
             continue
         for other in user.inputs:
-            if other is None or other is out or not _computed(other, native) or _derives_from(other, node, position):
+            if other is None or other is value or not _computed(other, native) or _derives_from(other, node, position):
                 continue
             return (
                 f"its output feeds {user.op_type} {_label(user)!r} with the computed operand {other.name!r}: "

@@ -20,10 +20,18 @@ Per model and target (``onnx_groupnorm.rewriter.TARGETS`` read at run time, minu
   (``INFERENCE_NUM_THREADS``); a model OpenVINO cannot compile gets ``fails: <reason>`` (each model
   is first compiled in a child process: some crash OpenVINO instead of raising).
 
+* ``--tract`` (opt-in): tract (PyPI ``tract``, single-threaded here), the original and the ``portable``
+  output only (tract runs no custom-domain function), ``--tract-repeats`` rounds after one warm-up
+  (default 3: the SD VAE decoder takes ~45 s a run in tract on this machine), ratio and max abs
+  error against the framework as above; ``fails: <reason>`` where tract cannot load or run a model
+  (loaded first in a child process, as for OpenVINO).
+
 ``--profile``: onnxruntime's per-node profiler (``SessionOptions.enable_profiling``, same session
 settings) over ``--profile-runs`` runs after one warm-up, aggregated by op type: share of node time
 of Conv, Transpose, ReorderInput/ReorderOutput (the NCHWc layout changes onnxruntime inserts), the
 normalisation arithmetic (``NORM_OPS``) and the rest, original vs each target, and the top op types.
+``--profile-openvino``: the same from OpenVINO's own counters (``PERF_COUNT``, ``get_profiling_info``,
+executed nodes only, by their executed layer type), original vs each target OpenVINO compiles.
 """
 
 from __future__ import annotations
@@ -158,6 +166,68 @@ def ov_runner(core, path, inputs):
     return run
 
 
+#: tract's type names for the input facts it needs before its analysis.
+_TRACT_TYPES = {"float32": "f32", "float16": "f16", "float64": "f64", "int64": "i64", "int32": "i32"}
+
+_TRACT_PROBE = """import sys, json, tract
+model = tract.onnx().load(sys.argv[1])
+for i, fact in enumerate(json.loads(sys.argv[2])):
+    model.set_input_fact(i, fact)
+model.into_model().into_runnable()
+"""
+
+
+def tract_facts(inputs):
+    return [",".join([*map(str, x.shape), _TRACT_TYPES[x.dtype.name]]) for x in inputs]
+
+
+def tract_probe(path, inputs):
+    """Why tract cannot load ``path`` (None if it can), asked in a child process (a panic may abort)."""
+    proc = subprocess.run([sys.executable, "-c", _TRACT_PROBE, str(path), json.dumps(tract_facts(inputs))],
+                          capture_output=True, text=True)
+    if proc.returncode < 0:
+        return f"tract crashes (signal {-proc.returncode})"
+    if proc.returncode != 0:
+        lines = [ln.strip() for ln in proc.stderr.splitlines() if ln.strip()]
+        return (lines[-1] if lines else f"exit {proc.returncode}")[:160]
+    return None
+
+
+def tract_runner(path, inputs):
+    import tract
+
+    model = tract.onnx().load(str(path))
+    for i, fact in enumerate(tract_facts(inputs)):
+        model.set_input_fact(i, fact)
+    runnable = model.into_model().into_runnable()
+    return lambda: [out.to_numpy() for out in runnable.run(list(inputs))]
+
+
+def bench_tract(paths, ins, ref, orig, rows, repeats):
+    """tract: the original and the ``portable`` output (if fused), ratio and error into the rows."""
+    keys = [k for k in ("original", "portable") if k in paths]
+    runners = {}
+    for k in keys:
+        why = tract_probe(paths[k], ins)
+        if not why:
+            try:
+                runners[k] = tract_runner(paths[k], ins)
+            except Exception as e:  # noqa: BLE001 - a model tract cannot load is a result
+                why = first_line(e)
+        if why:
+            (orig if k == "original" else rows[k])["tract_fail"] = why
+    if not runners:
+        return
+    if "original" not in runners:  # the fused model alone: its time, no ratio
+        runners = {"original": runners["portable"], **runners}
+    ms, ratio, outs = rounds(runners, repeats)
+    if "tract_fail" not in orig:
+        orig.update(tract_ms=ms.get("original"), tract_err=max_err(outs["original"], ref))
+    if "portable" in runners:
+        rows["portable"].update(tract_ratio=ratio.get("portable"), tract_ms=ms.get("portable"),
+                                tract_err=max_err(outs["portable"], ref))
+
+
 def rounds(runners: dict, repeats: int):
     """``runners['original']`` then the others (order rotating), ``repeats`` rounds after one warm-up.
     Returns ({key: median ms}, {key: median of per-round ratio to the original}, {key: outputs})."""
@@ -197,7 +267,7 @@ def first_line(exc):
     return f"{type(exc).__name__}: {text[:160]}"
 
 
-def bench_model(name, targets, repeats, workdir, use_ov):
+def bench_model(name, targets, repeats, workdir, use_ov, tract_repeats=None):
     ins, ref, meta = load_data(name)
     src = MODELS / f"{name}.onnx"
     rows = {}
@@ -242,6 +312,8 @@ def bench_model(name, targets, repeats, workdir, use_ov):
             for k in ov_runners:
                 rows[k].update(ov_ms=ms.get(k), ov_err=max_err(outs[k], ref))
         del ov_runners
+    if tract_repeats is not None:
+        bench_tract(paths, ins, ref, orig, rows, tract_repeats)
     for t in targets:
         (workdir / f"{name}.{t}.onnx").unlink(missing_ok=True)
         (workdir / f"{name}.{t}.report.json").unlink(missing_ok=True)
@@ -268,11 +340,27 @@ def ov_cells(row, orig):
     return [fmt_ratio(row.get("ov_ratio")), err]
 
 
-def table(results, use_ov):
+def tract_cells(t, row, orig):
+    """tract: ratio (or why not), error fused (export); only the ``portable`` rows run there."""
+    if t != "portable" or row["error"]:
+        return ["—", "—"]
+    if "tract_fail" in row:
+        return [f"fails: {row['tract_fail']}", "—"]
+    if "tract_err" not in row:
+        return ["—", "—"]
+    err = f"{row['tract_err']:.1e} ({num(orig.get('tract_err'), '.1e')})"
+    if "tract_fail" in orig:
+        return [f"original fails; fused {fmt_ms(row.get('tract_ms'))} ms", err]
+    return [fmt_ratio(row.get("tract_ratio")), err]
+
+
+def table(results, use_ov, use_tract=False):
     cols = ["model", "route", "target", "GN fused", "fuse s", "fuse peak RSS MiB",
             "ORT max abs err vs framework: fused (export)", "ORT CPU fused/original [quartiles]", "ORT original ms"]
     if use_ov:
         cols += ["OpenVINO f32 fused/original [quartiles]", "OpenVINO max abs err: fused (export)", "OpenVINO original ms"]
+    if use_tract:
+        cols += ["tract fused/original [quartiles]", "tract max abs err: fused (export)", "tract original ms"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for name, (meta, orig, rows) in results.items():
         for t, row in rows.items():
@@ -287,6 +375,9 @@ def table(results, use_ov):
             if use_ov:
                 ov_orig = f"fails: {orig['ov_fail']}" if "ov_fail" in orig else fmt_ms(orig.get("ov_ms"))
                 cells += (["—", "—"] if row["error"] else ov_cells(row, orig)) + [ov_orig]
+            if use_tract:
+                tract_orig = f"fails: {orig['tract_fail']}" if "tract_fail" in orig else fmt_ms(orig.get("tract_ms"))
+                cells += tract_cells(t, row, orig) + [tract_orig]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -298,12 +389,16 @@ def header(args, load_before):
         ov_version = openvino.__version__
     except ImportError:
         ov_version = "not installed"
+    tract_note = ""
+    if args.tract:
+        import importlib.metadata
+        tract_note = f", tract {importlib.metadata.version('tract')} ({args.tract_repeats} rounds)"
     cpu = platform.machine()
     with open("/proc/cpuinfo") as f:
         cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
     return (f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {cpu}, {os.cpu_count()} cores; onnxruntime "
             f"{ort.__version__} CPU ({THREADS} intra-op threads, spinning off), OpenVINO {ov_version} CPU "
-            f"(f32, {THREADS} threads), onnx {onnx.__version__}, Python {platform.python_version()}; "
+            f"(f32, {THREADS} threads){tract_note}, onnx {onnx.__version__}, Python {platform.python_version()}; "
             f"{args.repeats} rounds after 1 warm-up; load average {load_before:.1f} before, "
             f"{os.getloadavg()[0]:.1f} after")
 
@@ -311,7 +406,10 @@ def header(args, load_before):
 # --------------------------------------------------------------------------- profile
 
 CATEGORY = {"Conv": "Conv", "FusedConv": "Conv", "NchwcConv": "Conv", "Transpose": "Transpose",
-            "ReorderInput": "Reorder (NCHWc)", "ReorderOutput": "Reorder (NCHWc)"}
+            "ReorderInput": "Reorder (NCHWc)", "ReorderOutput": "Reorder (NCHWc)",
+            # OpenVINO's executed layer types (--profile-openvino); its Subgraph (fused elementwise
+            # snippets, also the GroupNormalization it runs as one) stays "other"
+            "Convolution": "Conv", "Reorder": "Reorder (NCHWc)", "MVN": "normalisation ops", "Reduce": "normalisation ops"}
 # The ops the normalisation arithmetic is made of (exported and fused forms); Mul / Add / Sigmoid are
 # left out of it: they are also the residual adds, SiLU and attention of these models.
 NORM_OPS = {"InstanceNormalization", "GroupNormalization", "GroupNorm", "LayerNormalization", "ReduceMean",
@@ -340,22 +438,47 @@ def profile_ops(path, inputs, runs):
     return out
 
 
-def profile(names, targets, runs, workdir, top):
+def profile_ov_ops(path, inputs, runs):
+    """``{executed layer type: total µs}`` from OpenVINO's counters over ``runs`` runs after a
+    warm-up (``PERF_COUNT``; nodes with status EXECUTED), or None if OpenVINO cannot compile it."""
+    import openvino as ov
+
+    if ov_probe(path):
+        return None
+    compiled = ov.Core().compile_model(str(path), "CPU", {**OV_CONFIG, "PERF_COUNT": True})
+    req = compiled.create_infer_request()
+    req.infer(list(inputs))
+    out = collections.Counter()
+    for _ in range(runs):
+        req.infer(list(inputs))
+        for info in req.get_profiling_info():  # the last inference's counters
+            if info.status == ov.ProfilingInfo.Status.EXECUTED:
+                out[info.node_type] += info.real_time.total_seconds() * 1e6
+    return out
+
+
+def profile(names, targets, runs, workdir, top, engine="onnxruntime"):
+    measure = profile_ov_ops if engine == "openvino" else profile_ops
     for name in names:
         ins, _, meta = load_data(name)
         src = MODELS / f"{name}.onnx"
-        prof = {"original": profile_ops(src, ins, runs)}
+        prof = {"original": measure(src, ins, runs)}
+        if prof["original"] is None:
+            print(f"{name}: {engine} cannot run the original")
+            continue
         for t in targets:
             dst = workdir / f"{name}.{t}.onnx"
             _, _, report, err = fuse_child(src, dst, t)
             if report:
-                prof[t] = profile_ops(dst, ins, runs)
+                found = measure(dst, ins, runs)
+                if found is not None:
+                    prof[t] = found
                 dst.unlink()
                 dst.with_suffix(".report.json").unlink(missing_ok=True)
             else:
                 print(f"{name} --target {t}: {err}")
         cols = list(prof)
-        print(f"\n### {name} ({meta['route']}): share of onnxruntime node time, {runs} profiled runs\n")
+        print(f"\n### {name} ({meta['route']}): share of {engine} node time, {runs} profiled runs\n")
         print("| op type | " + " | ".join(cols) + " |")
         print("|---|" + "---|" * len(cols))
         totals = {k: sum(v.values()) for k, v in prof.items()}
@@ -379,8 +502,11 @@ def main():
     ap.add_argument("--repeats", type=int, default=7,
                     help="timed rounds after one warm-up (default 7; 0: fuse and parity only, no timing)")
     ap.add_argument("--no-openvino", action="store_true")
+    ap.add_argument("--tract", action="store_true", help="also time the original and the portable output in tract")
+    ap.add_argument("--tract-repeats", type=int, default=3, help="timed tract rounds after one warm-up (default 3)")
     ap.add_argument("--out", type=pathlib.Path, default=None, help="also write the markdown table here")
     ap.add_argument("--profile", action="store_true", help="per-op-type profile instead of the table")
+    ap.add_argument("--profile-openvino", action="store_true", help="--profile from OpenVINO's PERF_COUNT counters")
     ap.add_argument("--profile-runs", type=int, default=3)
     ap.add_argument("--top", type=int, default=12, help="op types listed per profile")
     args = ap.parse_args()
@@ -388,18 +514,20 @@ def main():
     names = ready_models(args.only)
     with tempfile.TemporaryDirectory(dir=MODELS, prefix=".fused-") as work:
         workdir = pathlib.Path(work)
-        if args.profile:
-            profile(names, targets, args.profile_runs, workdir, args.top)
+        if args.profile or args.profile_openvino:
+            profile(names, targets, args.profile_runs, workdir, args.top,
+                    "openvino" if args.profile_openvino else "onnxruntime")
             return 0
         load = os.getloadavg()[0]
         use_ov = not args.no_openvino
         results = {}
         for name in names:
             print(f"{name} ...", flush=True)
-            results[name] = bench_model(name, targets, args.repeats, workdir, use_ov)
+            results[name] = bench_model(name, targets, args.repeats, workdir, use_ov,
+                                        args.tract_repeats if args.tract else None)
             if args.out:  # after every model: a partial table survives an interrupted run
-                args.out.write_text(header(args, load) + "\n\n" + table(results, use_ov) + "\n")
-        text = header(args, load) + "\n\n" + table(results, use_ov)
+                args.out.write_text(header(args, load) + "\n\n" + table(results, use_ov, args.tract) + "\n")
+        text = header(args, load) + "\n\n" + table(results, use_ov, args.tract)
         print("\n" + text)
         if args.out:
             args.out.write_text(text + "\n")

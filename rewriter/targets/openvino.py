@@ -15,8 +15,24 @@ model carries a function body for it: our precise channels-first body (``ops.fun
 
 Nodes the native op cannot hold (channel axis not on 1 after lifting, rank < 3, a non-static
 channel count, an input dtype other than float32/float16) are inlined as in the ``portable``
-target, so OpenVINO runs every node. tract does not run this target's output (it executes no
-custom-domain function): use ``portable`` there.
+target, so OpenVINO runs every node.
+
+Nodes OpenVINO's CPU plugin would crash on are inlined too (with a note saying why). OpenVINO
+2026.4's CPU plugin turns a GroupNormalization with small groups (larger ones become an MVN)
+into a "snippets" subgraph, and ``compile_model``
+dies with SIGSEGV when that subgraph's output feeds an elementwise op (Add, Mul, Sub, Max...)
+whose other operand another fused elementwise subgraph computes (a Relu, an Add): the residual
+``Add(GroupNorm(conv(h)), h)`` of every ResNet bottleneck with GroupNorm, ``h`` the previous
+block's Relu. ``SNIPPETS_MODE=DISABLE`` avoids it; with a graph input, a constant, a Conv (its
+Relu fused) or a MaxPool as the other operand it compiles, as do the ``Mul(y, Sigmoid(y))`` of
+a SiLU and ``Add(GroupNorm, GroupNorm)``. Dynamic input shapes compile, until the model is
+reshaped to static sizes. Which producers OpenVINO fuses is its own decision, so the rule here
+is wider than the crash: a native node whose output feeds an elementwise op with a computed
+operand (not another native node's output, not derived from the node's own output) is inlined,
+at any size and shape (``tests/test_target_openvino.py``).
+
+tract does not run this target's output (it executes no custom-domain function): use
+``portable`` there.
 
 Precision: OpenVINO's kernel (f32) loses digits on inputs with ``|mean| >> std`` (2.5e-3 at mean
 1e3 / std 1e-2 in ``benchmarks/precision.py``, about what the exports' own float32 arithmetic
@@ -73,6 +89,76 @@ def _native(node: ir.Node) -> tuple[int, int] | str:
     if x.dtype not in _DTYPES:
         return f"input dtype {x.dtype} (OpenVINO's op takes float32 and float16 here)"
     return channels, config.resolved_groups(channels)
+
+
+#: Elementwise ops with several data inputs: OpenVINO's CPU plugin fuses them into snippets.
+_ELEMENTWISE = frozenset({"Add", "Sub", "Mul", "Div", "Max", "Min", "Pow", "Mod", "PRelu", "Sum", "Mean", "Where"})
+
+
+def _derives_from(value: ir.Value, node: ir.Node, position: dict[ir.Node, int]) -> bool:
+    """Whether ``value`` is computed from ``node``'s output: a walk up the producers that stops at
+    nodes placed before ``node`` (graphs are topologically sorted; were one not, a wrong False
+    only inlines one more layer)."""
+    source, start = node.outputs[0], position.get(node, -1)
+    seen, stack = set(), [value]
+    while stack:
+        current = stack.pop()
+        if current is source:
+            return True
+        producer = current.producer()
+        if producer is None or id(producer) in seen or position.get(producer, start + 1) < start:
+            continue
+        seen.add(id(producer))
+        stack.extend(v for v in producer.inputs if v is not None)
+    return False
+
+
+def _computed(value: ir.Value, native: set[ir.Node]) -> bool:
+    """Computed by an op OpenVINO may fuse into an elementwise snippet: not a constant, not a
+    graph input, not the output of a node that stays OpenVINO's GroupNormalization (``native``;
+    ``Add(GroupNorm, GroupNorm)``, the downsampling residual of a ResNet, compiles)."""
+    producer = value.producer()
+    return value.const_value is None and producer is not None and producer.op_type != "Constant" and producer not in native
+
+
+def _users(value: ir.Value) -> list[tuple[ir.Node, ir.Value]]:
+    """The nodes reading ``value``, through Identity nodes (OpenVINO drops them), with the value they read."""
+    found = []
+    for user, _ in value.uses():
+        if user.op_type == "Identity" and user.domain in ("", "ai.onnx"):
+            found += _users(user.outputs[0])
+        else:
+            found.append((user, value))
+    return found
+
+
+def _snippet_hazard(node: ir.Node, native: set[ir.Node], position: dict[ir.Node, int]) -> str | None:
+    """Why OpenVINO's CPU plugin could crash on the native op here, else None (module docstring)."""
+    out = node.outputs[0]
+    for user, value in _users(out):
+        if user.op_type not in _ELEMENTWISE or user.domain not in ("", "ai.onnx"):
+            continue
+        for other in user.inputs:
+            if other is None or other is value or not _computed(other, native) or _derives_from(other, node, position):
+                continue
+            return (
+                f"its output feeds {user.op_type} {_label(user)!r} with the computed operand {other.name!r}: "
+                "OpenVINO 2026.4's CPU plugin crashes compiling that (SIGSEGV in its GroupNormalization snippets)"
+            )
+    return None
+
+
+def _plan(candidates: list[tuple[ir.Graph, ir.Node]]) -> dict[ir.Node, tuple[int, int] | str]:
+    """(channels, groups) for each node that becomes OpenVINO's op, else why it is inlined.
+    Inlining one node can make its neighbour's operand an elementwise one: repeat until stable."""
+    position = {node: i for graph in {id(g): g for g, _ in candidates}.values() for i, node in enumerate(graph)}
+    plan = {node: _native(node) for _, node in candidates}
+    while True:
+        native = {node for node, form in plan.items() if not isinstance(form, str)}
+        hazards = {node: why for node in native if (why := _snippet_hazard(node, native, position))}
+        if not hazards:
+            return plan
+        plan.update(hazards)
 
 
 def _body(variant: Variant, opset: int) -> ir.Function:
@@ -165,11 +251,13 @@ def lower(model: ir.Model, report: FuseReport) -> None:
         (container, node) for container in list(graph_likes(model)) if not isinstance(container, ir.Function)
         for node in list(container) if is_ours(node)
     ]
+    plan = _plan(candidates)
     mapped = 0
     for container, node in candidates:
-        native = _native(node)
+        native = plan[node]
         if isinstance(native, str):
             report.notes.append(f"openvino target: inlined {_label(node)} (standard ops): {native}")
+            logger.info("openvino target: inlined %s: %s", _label(node), native)
             continue
         _replace(container, node, *native, opset, model)
         mapped += 1

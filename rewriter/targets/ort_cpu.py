@@ -23,15 +23,6 @@ channels-first tensor together with the layout-neutral ops around it:
    left alone with a note in ``report.notes``.
 
 Every rewritten region is recorded in ``report.lowered`` with the Transposes removed/inserted.
-
-Then, for a channels-first float32 node of rank 4 whose only reader is a ``Relu`` read only by
-``Conv`` nodes (ResNet's ``GroupNorm -> ReLU -> Conv``), with constant gamma and beta and a
-channel count onnxruntime's NCHWc layout takes (a multiple of :data:`NCHWC_BLOCK`): gamma/beta
-leave our op (its ``plain`` body ends with InstanceNormalization) for a depthwise 1x1 ``Conv``
-after it (weight gamma, bias beta): onnxruntime runs that Conv in its blocked NCHWc layout and
-fuses the Relu into it, so the layer's affine and the ReLU are one pass instead of two, and the
-layout reorder before the next Conv moves before it (``benchmarks/realsize/profile_gn_layers.py``).
-Recorded in ``report.lowered`` (form "affine as depthwise Conv").
 Nodes that are not in a rewritten region (channels-first already, middle axis, rank 2, ...)
 stay as they are: our op is already the best CPU form for them.
 
@@ -52,7 +43,7 @@ from ...ops import Variant, contract, variant_for
 from .._graphs import graph_likes, is_ours
 from ..report import FuseReport
 
-__all__ = ["lower", "ABSORBS_ACTIVATION", "plan_regions", "NCHWC_BLOCK"]
+__all__ = ["lower", "ABSORBS_ACTIVATION", "plan_regions"]
 
 logger = logging.getLogger(__name__)
 
@@ -66,9 +57,6 @@ _UNARY = {
 }
 _BINARY = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "PRelu"}
 _RANKS = (3, 4, 5)
-#: onnxruntime's NCHWc block: 8 channels on AVX2, 16 on AVX-512; a depthwise Conv whose channels
-#: are not a multiple of it stays in NCHW (slower than the BatchNormalization it would replace).
-NCHWC_BLOCK = 16
 
 
 
@@ -596,56 +584,6 @@ def _rewrite(container, region: _Region) -> None:
     _remove_old(container, region)
 
 
-def _relu_to_convs(node: ir.Node) -> ir.Node | None:
-    """The Relu that is the only live reader of ``node``'s output and is itself read by Conv
-    nodes only (not a graph output), else None."""
-    out = node.outputs[0]
-    uses = _uses(out)
-    if out.is_graph_output() or len(uses) != 1 or not _std(uses[0].node, "Relu"):
-        return None
-    relu = uses[0].node
-    readers = _uses(relu.outputs[0])
-    if relu.outputs[0].is_graph_output() or not readers or not all(_std(u.node, "Conv") for u in readers):
-        return None
-    return relu
-
-
-def _affine_as_conv(container: ir.Graph, report: FuseReport) -> None:
-    """Move gamma/beta of ``GroupNorm -> Relu -> Conv`` layers into a depthwise 1x1 Conv (see the
-    module docstring), in place."""
-    _index(container)
-    for node in list(container):
-        if not is_ours(node) or len(node.inputs) < 3 or node.inputs[1] is None or node.inputs[2] is None:
-            continue
-        x = node.inputs[0]
-        axis = node.attributes["axis"].as_int() if "axis" in node.attributes else contract.DEFAULT_AXIS
-        activation = node.attributes["activation"].as_int() if "activation" in node.attributes else contract.ACTIVATION_NONE
-        if x is None or x.shape is None or len(x.shape) != 4 or axis not in (1, -3) or activation != contract.ACTIVATION_NONE:
-            continue
-        if x.dtype != ir.DataType.FLOAT:
-            continue
-        gamma, beta = _const(node.inputs[1]), _const(node.inputs[2])
-        channels, groups = _channels_and_groups(node)
-        if gamma is None or beta is None or gamma.shape != (channels,) or beta.shape != (channels,):
-            continue
-        if channels % NCHWC_BLOCK or _relu_to_convs(node) is None:
-            continue
-        weight = _new_const(container, gamma.astype(np.float32).reshape(channels, 1, 1, 1), f"{_label(node)}_dw_weight", node)
-        bias = _new_const(container, beta.astype(np.float32), f"{_label(node)}_dw_bias", node)
-        out = node.outputs[0]
-        conv = ir.node("Conv", [out, weight, bias], {"group": channels, "kernel_shape": [1, 1]}, name=f"{_label(node)}_affine")
-        container.insert_after(node, conv)
-        conv.outputs[0].type, conv.outputs[0].shape = out.type, out.shape
-        conv.outputs[0].name = f"{out.name}_affine" if out.name else None
-        for use in list(out.uses()):
-            if use.node is not conv:
-                use.node.replace_input_with(use.idx, conv.outputs[0])
-        node.replace_input_with(1, None)
-        node.replace_input_with(2, None)
-        node.overload = variant_for(4, 1, int(x.dtype), False, False, channels=channels, groups=groups).overload
-        report.lowered.append({"node": _label(node), "form": "our op (plain cf body) + affine as depthwise Conv", "rank": 4})
-
-
 def lower(model: ir.Model, report: FuseReport) -> None:
     """Move channels-last regions of our op onto the channels-first tensors, in place."""
     total_removed = total_inserted = 0
@@ -671,7 +609,5 @@ def lower(model: ir.Model, report: FuseReport) -> None:
                     "region_nodes": len(region.nodes), "transposes_removed": len(removed),
                     "transposes_inserted": inserted, "rank": region.rank,
                 })
-        if isinstance(container, ir.Graph):
-            _affine_as_conv(container, report)
     if total_removed or total_inserted:
         logger.info("ort target: removed %d and inserted %d layout Transpose(s)", total_removed, total_inserted)

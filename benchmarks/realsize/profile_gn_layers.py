@@ -8,8 +8,9 @@ after one warm-up, so that a loaded machine slows every form alike; every node's
 over the runs. From the per-node profile:
 
 * the GroupNorm layers' nodes: in a fused model the nodes onnxruntime inlined from our op
-  (``_inlfunc_GroupNormalization*``); in the export the nodes the fusion removed (by name); the
-  NCHWc ``ReorderInput``/``ReorderOutput`` around every layer are counted apart;
+  (``_inlfunc_GroupNormalization*``); in the export the nodes the fusion removed (by name); an
+  NCHWc ``ReorderInput``/``ReorderOutput`` right next to a layer shows in its per-layer row but
+  not in the GN layers' time;
 * per op type over the whole model: kernel ms per run and nodes (what the NCHWc layout moved);
 * per layer size (the layer's input ``C x H x W``): layers, then per op type kernel µs per layer and
   nodes per layer, in each form; the share of node time the GN layers hold; the difference left.
@@ -170,7 +171,7 @@ def report(name: str, events: dict, gn_of: dict, runs: int) -> None:
                 cells.append("—")
                 continue
             layers = entry[0]
-            parts = [f"{op} {us / entry[0]:.0f} ({entry[2][op] // entry[0]})"
+            parts = [f"{op} {us / entry[0]:.0f} ({entry[2][op] / entry[0]:.3g})"
                      for op, us in sorted(entry[1].items(), key=lambda kv: -kv[1])]
             total = sum(entry[1].values()) / entry[0]
             cells.append(f"**{total:.0f}**: " + ", ".join(parts))

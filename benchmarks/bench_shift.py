@@ -3,7 +3,7 @@
 torch.onnx exports ``nn.GroupNorm`` as Reshape [N, G, -1] -> InstanceNormalization -> Reshape
 -> Mul(gamma) -> Add(beta), which onnxruntime runs well but whose InstanceNormalization kernel
 loses digits when |mean| >> std (``benchmarks/precision.py``). Our ``cf`` body subtracts a shift
-(the mean of the first elements of every channel of a group) before the same kernel. This times,
+(every group's first element) before the same kernel. This times,
 in one process with sessions alternated (medians), at the channels-first sizes of the SD VAE
 decoder and of a ResNet-50 with GroupNorm:
 

@@ -4,12 +4,16 @@ dtypes, opsets and static/symbolic shapes."""
 
 from __future__ import annotations
 
+import collections
 import itertools
+import pathlib
+import tempfile
 
 import ml_dtypes
 import numpy as np
 import onnx
 import onnx.inliner
+import onnxruntime as ort
 import pytest
 from helpers import run_ort
 from onnx.reference import ReferenceEvaluator
@@ -137,6 +141,41 @@ def test_large_mean_stays_accurate(rng, layout):
     (y,) = run_ort(model, x)
     y64 = ops.group_normalization(x.astype(np.float64), gamma.astype(np.float64), beta.astype(np.float64), groups=8, axis=axis)
     assert np.max(np.abs(y - y64) / (1 + np.abs(y64))) <= 1e-4
+
+
+def test_large_mean_with_the_worst_shift(rng):
+    """The cf body's shift is every group's first element; the deviations it leaves are within
+    sqrt(n - 1) standard deviations (no element lies further from its group's mean), so the
+    output errs by at most ~eps * sqrt(n) standard deviations whatever that element is. Here each
+    group's first element is an outlier (5 below a mean of 1e3; the rest has std 1e-2 around
+    channel means 0.1 apart): the same bound as test_large_mean_stays_accurate holds."""
+    shape, groups = (2, 64, 16, 16), 8
+    offsets = 0.1 * np.arange(64).reshape(1, 64, 1, 1)
+    x = (1e3 + offsets + 1e-2 * rng.standard_normal(shape)).astype(np.float32)
+    x.reshape(2, groups, -1)[:, :, 0] = 1e3 - 5.0  # the first element of every group
+    gamma = rng.normal(1.0, 0.5, 64).astype(np.float32)
+    beta = rng.normal(0.0, 0.5, 64).astype(np.float32)
+    model = ops.make_model(shape, groups=groups, axis=1, gamma=gamma, beta=beta)
+    (y,) = run_ort(model, x)
+    y64 = ops.group_normalization(x.astype(np.float64), gamma.astype(np.float64), beta.astype(np.float64), groups=groups, axis=1)
+    assert np.max(np.abs(y - y64) / (1 + np.abs(y64))) <= 1e-4
+
+
+def test_channels_first_body_runs_six_kernels():
+    """What onnxruntime runs per channels-first layer once it has inlined the body and folded its
+    constants: Reshape, Slice (the shift), Sub, InstanceNormalization, Reshape, BatchNormalization.
+    torch's export runs five (Reshape, InstanceNormalization, Reshape, Mul, Add); every extra
+    kernel costs a launch that shows at ResNet's 7x7 layers
+    (benchmarks/realsize/profile_gn_layers.py)."""
+    model = ops.make_model((1, 64, 7, 7), groups=32, axis=1, gamma=np.ones(64, np.float32), beta=np.zeros(64, np.float32))
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    with tempfile.TemporaryDirectory() as d:
+        so.optimized_model_filepath = str(pathlib.Path(d) / "optimized.onnx")
+        ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        optimized = onnx.load(so.optimized_model_filepath)
+    kernels = collections.Counter(n.op_type for n in optimized.graph.node)
+    assert kernels == {"Reshape": 2, "Slice": 1, "Sub": 1, "InstanceNormalization": 1, "BatchNormalization": 1}
 
 
 def test_standard_op_fails_on_large_mean(rng):

@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import os
 import pathlib
 import tempfile
@@ -45,13 +46,14 @@ import onnx_ir as ir
 from ..ops import contract
 from ..ops.reference import group_normalization
 from ..ops.tolerances import Tolerance
+from . import _shapes
 from . import inputs as inputs_module
 from ._graphs import is_ours
 from .errors import ModelFileError, UsageError, model_file_error, one_line
-from .io import EXTERNAL_DATA_THRESHOLD
+from . import io
 from .report import LayerCheck, OutputCheck, Verification
 
-__all__ = ["verify", "VERIFY_TOLERANCES", "CONFIG_TOLERANCE", "MORE_ACCURATE"]
+__all__ = ["verify", "VERIFY_TOLERANCES", "CONFIG_TOLERANCE", "MORE_ACCURATE", "FETCH_BUDGET_BYTES"]
 
 logger = logging.getLogger(__name__)
 
@@ -96,24 +98,31 @@ def _tolerance(dtype) -> Tolerance:
 
 class _Model:
     """A model to run: a ModelProto, an onnx_ir.Model or a path, with its onnx-ir view (for
-    reading the graph) and the means to open an onnxruntime session with extra outputs."""
+    reading the graph) and the means to open an onnxruntime session with extra outputs.
 
-    def __init__(self, model: onnx.ModelProto | ir.Model | str | os.PathLike, role: str, source: str) -> None:
+    onnxruntime always gets the graph alone, as bytes, with the weights in external data that
+    it memory-maps: a path's own data files in place (never copied) when its weights are
+    external, else one data file written once into a temporary folder (``.ogn-<pid>-*`` in
+    ``workdir``, removed by ``stack``). No serialised copy of the weights is ever held in
+    Python, and nothing over 2 GB is serialised.
+    """
+
+    def __init__(self, model: onnx.ModelProto | ir.Model | str | os.PathLike, role: str, source: str,
+                 stack: contextlib.ExitStack, workdir: str | os.PathLike | None = None) -> None:
         self.role = role
-        self.proto: onnx.ModelProto | None = None
-        self.folder: pathlib.Path | None = None
+        path = None
         if isinstance(model, (str, os.PathLike)):
             path = pathlib.Path(model)
             self.name = str(path)
-            self.folder = path.resolve().parent
-            try:  # the graph without its weights for the session, lazy weights for reading
-                self.proto = onnx.load(os.fspath(path), load_external_data=False)
-                _load_small_external_tensors(self.proto, self.folder)
-                self.ir = ir.load(os.fspath(path))
+            try:  # the graph, its external tensors lazy (memory-mapped when read)
+                proto = onnx.load(os.fspath(path), load_external_data=False)
+                self.ir = ir.from_proto(proto)
+                ir.external_data.set_base_dir(self.ir.graph, path.resolve().parent)
             except Exception as e:
                 raise (model_file_error(e, path) or ModelFileError(f"{path}: cannot load the {role} model: {e}")) from e
+            del proto
         elif isinstance(model, onnx.ModelProto):
-            self.proto, self.name = model, source or f"the {role} model"
+            self.name = source or f"the {role} model"
             try:
                 self.ir = ir.from_proto(model)
             except Exception as e:  # two nodes writing one value, a malformed tensor, ...
@@ -122,44 +131,46 @@ class _Model:
             self.ir, self.name = model, source or f"the {role} model"
         else:
             raise TypeError(f"verify takes an onnx.ModelProto, onnx_ir.Model or path, not {type(model).__name__}")
+        self.proto, self.folder = self._graph_for_onnxruntime(path, stack, workdir)
         self.values = {v.name: v for v in self.ir.graph.inputs}
         for node in self.ir.graph:
             self.values.update((v.name, v) for v in node.outputs if v.name)
         self.outputs = [v.name for v in self.ir.graph.outputs]
 
-    def _big(self) -> bool:
-        if self.folder is not None:
-            return False  # the proto holds no weights; onnxruntime reads them from the folder
-        if self.proto is not None:
-            return sum(t.ByteSize() for t in self.proto.graph.initializer) > EXTERNAL_DATA_THRESHOLD
-        return sum(v.const_value.nbytes for v in self.ir.graph.initializers.values() if v.const_value is not None) > EXTERNAL_DATA_THRESHOLD
+    def _graph_for_onnxruntime(self, path: pathlib.Path | None, stack: contextlib.ExitStack,
+                               workdir: str | os.PathLike | None) -> tuple[onnx.ModelProto, pathlib.Path | None]:
+        """The graph proto onnxruntime gets (weights external, small tensors inline) and the
+        folder its external data is read from."""
+        folders = io.external_folders(self.ir)
+        try:
+            if io.in_memory_bytes(self.ir) <= io.INLINE_WEIGHTS_BYTES and len(folders) <= 1:
+                folder = next(iter(folders), None)
+                proto = ir.to_proto(self.ir)
+                if folder is not None:
+                    _load_small_external_tensors(proto, folder)
+                return proto, folder
+            # Weights in memory (or in several folders): one data file, written once.
+            tmp = stack.enter_context(io.temp_dir(workdir if workdir is not None else tempfile.gettempdir()))
+            ir.save(self.ir, tmp / "model.onnx", external_data="model.onnx.data",
+                    size_threshold_bytes=io.INLINE_TENSOR_BYTES, alignment=io.MMAP_ALIGNMENT)
+            if path is not None:  # our own view: read it from the copy, lazily, and drop the file's weights
+                self.ir = ir.load(tmp / "model.onnx")
+            return onnx.load(os.fspath(tmp / "model.onnx"), load_external_data=False), tmp
+        except (ModelFileError, UsageError):
+            raise
+        except Exception as e:
+            raise _LoadError(f"{self.name}: cannot prepare the {self.role} model for onnxruntime: {one_line(e)}") from e
 
     @contextlib.contextmanager
-    def _loadable(self, extra: Sequence[str]) -> Iterator[tuple[bytes | str, pathlib.Path | None]]:
-        """The model with ``extra`` as graph outputs, as bytes or a path, put back after."""
-        if self.proto is not None and not self._big():
-            added = len(self.proto.graph.output)
-            self.proto.graph.output.extend(onnx.ValueInfoProto(name=n) for n in extra)
-            try:
-                data = self.proto.SerializeToString()
-            finally:
-                del self.proto.graph.output[added:]
-            yield data, self.folder
-            return
-        # onnx-ir: add the outputs to the graph, write a proto (external data when large).
-        graph = self.ir.graph
-        added = len(graph.outputs)
-        graph.outputs.extend(self.values[n] for n in extra)
+    def _loadable(self, extra: Sequence[str]) -> Iterator[bytes]:
+        """The graph with ``extra`` as graph outputs, serialised (the outputs are put back after)."""
+        added = len(self.proto.graph.output)
+        self.proto.graph.output.extend(onnx.ValueInfoProto(name=n) for n in extra)
         try:
-            if not self._big():
-                yield ir.to_proto(self.ir).SerializeToString(), None
-                return
-            with tempfile.TemporaryDirectory(prefix="onnx-groupnorm-verify-") as tmp:
-                path = pathlib.Path(tmp) / "model.onnx"
-                ir.save(self.ir, path, external_data="model.onnx.data")
-                yield os.fspath(path), None
+            data = self.proto.SerializeToString()
         finally:
-            del graph.outputs[added:]
+            del self.proto.graph.output[added:]
+        yield data
 
     @contextlib.contextmanager
     def session(self, extra: Sequence[str]) -> Iterator[Callable[[dict], dict[str, np.ndarray]]]:
@@ -170,15 +181,19 @@ class _Model:
         # Default thread count; threads sleep when idle instead of spinning (verification
         # often shares the machine with the user's other work).
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # Memory (benchmarks/fuse_memory.py --verify): no arena holding freed activations,
+        # no prepacked second copy of the Conv/MatMul weights (the weights stay mmapped).
+        options.enable_cpu_mem_arena = False
+        options.add_session_config_entry("session.disable_prepacking", "1")
+        if self.folder is not None:
+            options.add_session_config_entry("session.model_external_initializers_file_folder_path", os.fspath(self.folder))
         names = list(dict.fromkeys([*self.outputs, *extra]))
-        with self._loadable([n for n in names if n not in self.outputs]) as (model, folder):
-            if folder is not None:
-                options.add_session_config_entry("session.model_external_initializers_file_folder_path", os.fspath(folder))
+        with self._loadable([n for n in names if n not in self.outputs]) as model:
             try:
                 session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
             except Exception as e:
                 raise _LoadError(f"{self.name}: onnxruntime cannot load the {self.role} model: {one_line(e)}") from e
-            del model  # the serialised model (as large as the weights) is not needed past this point
+            del model
         fetch = [n for n in names if n]
         held = [session]  # emptied on exit: the session (and its memory) goes even if the runner stays
         del session
@@ -192,9 +207,6 @@ class _LoadError(Exception):
     pass
 
 
-#: External tensors up to this size are read into the proto: onnxruntime's shape inference at
-#: load time needs shape constants inline (it cannot read them from external data).
-_INLINE_EXTERNAL_BYTES = 64 * 1024
 
 
 def _load_small_external_tensors(proto: onnx.ModelProto, folder: pathlib.Path) -> None:
@@ -203,7 +215,7 @@ def _load_small_external_tensors(proto: onnx.ModelProto, folder: pathlib.Path) -
     for tensor in external_data_helper._get_all_tensors(proto):
         if external_data_helper.uses_external_data(tensor):
             info = external_data_helper.ExternalDataInfo(tensor)
-            if info.length is not None and info.length <= _INLINE_EXTERNAL_BYTES:
+            if info.length is not None and info.length <= io.INLINE_TENSOR_BYTES:
                 external_data_helper.load_external_data_for_tensor(tensor, os.fspath(folder))
                 tensor.data_location = onnx.TensorProto.DEFAULT
                 del tensor.external_data[:]
@@ -474,32 +486,48 @@ def verify(
     seed: int = 0,
     spec: inputs_module.InputSpec | None = None,
     source: str = "",
+    workdir: str | os.PathLike | None = None,
 ) -> Verification:
     """Judge ``rewritten`` against ``original`` and the float64 reference (module docstring).
+
+    A path is read with its external data in place. A model whose weights are in memory is
+    written once, weights in external data, into a temporary folder in ``workdir`` (default:
+    the system's temporary folder), removed before returning.
 
     Raises UsageError when no inputs can be made (naming the input and the flag to use) or
     onnxruntime is missing, ModelFileError when onnxruntime refuses the original model.
     """
     _onnxruntime()
-    try:
-        before = _Model(original, "original", source)
-    except _LoadError as e:
-        raise ModelFileError(str(e)) from e
-    try:
-        after = _Model(rewritten, "fused", "")
-    except _LoadError as e:  # the fused model is ours: a bug, not bad input
-        raise RuntimeError(str(e)) from e
-    plan = inputs_module.Plan(before.ir, spec, seed=seed)
+    with contextlib.ExitStack() as stack:
+        try:
+            before = _Model(original, "original", source, stack, workdir)
+        except _LoadError as e:
+            raise ModelFileError(str(e)) from e
+        try:
+            after = _Model(rewritten, "fused", "", stack, workdir)
+        except _LoadError as e:  # the fused model is ours: a bug, not bad input
+            raise RuntimeError(str(e)) from e
+        return _verify(before, after, inputs_module.Plan(before.ir, spec, seed=seed))
+
+
+def _verify(before: _Model, after: _Model, plan: inputs_module.Plan) -> Verification:
     layers = _layers(after.ir)
     for layer in layers:
         layer.in_original = all(n is None or n in layer.constants or n in before.values for n in (layer.x, layer.y, *layer.params))
     tally = _Tally(layers, before.outputs)
-    before_extra = [n for layer in layers if layer.in_original for n in layer.fetched]
-    after_extra = [n for layer in layers for n in layer.fetched]
+    batches = _batches(layers, after.ir, plan)
+    logger.debug("verification: %d layer(s) fetched in %d batch(es)", len(layers), len(batches))
+
+    def fetched(batch: list[_Layer], side: str) -> list[str]:
+        return [n for layer in batch if side == "fused" or layer.in_original for n in layer.fetched]
 
     try:
-        with before.session(before_extra) as run:
-            sets = _run_sets(plan, run, before.name, lambda index, results: tally.add("original", index, results))
+        with before.session(fetched(batches[0], "original")) as run:
+            sets = _run_sets(plan, run, before.name, lambda index, results: tally.add("original", index, results, batches[0]))
+        for batch in batches[1:]:
+            with before.session(fetched(batch, "original")) as run:
+                for i, (feeds, _) in enumerate(sets):
+                    tally.add("original", i, run(feeds), batch)
     except _LoadError as e:  # the same one-line classification as the CLI's loading
         raise (model_file_error(e.__cause__, before.name) or ModelFileError(str(e))) from e
     shapes = [{k: list(v.shape) for k, v in feeds.items()} for feeds, _ in sets]
@@ -507,17 +535,68 @@ def verify(
         passed=False, max_abs_error=float("nan"), worst_ratio=float("inf"), rtol=_DEFAULT.rtol, atol=_DEFAULT.atol,
         inputs=shapes[0], detail=detail, verdict="FAILED", input_sets=shapes,
     )
-    try:
-        with after.session(after_extra) as run:
-            fused = []
-            for i, (feeds, _) in enumerate(sets):
-                try:
-                    fused.append(tally.add("fused", i, run(feeds)))
-                except Exception as e:
-                    return failed(f"the fused model failed on input set {i + 1} that the original ran on: {one_line(e)}")
-    except _LoadError as e:
-        return failed(str(e))
+    fused: list[dict] = []
+    for b, batch in enumerate(batches):
+        try:
+            with after.session(fetched(batch, "fused")) as run:
+                for i, (feeds, _) in enumerate(sets):
+                    try:
+                        outputs = tally.add("fused", i, run(feeds), batch)
+                    except Exception as e:
+                        return failed(f"the fused model failed on input set {i + 1} that the original ran on: {one_line(e)}")
+                    if b == 0:
+                        fused.append(outputs)
+        except _LoadError as e:
+            return failed(str(e))
     return _judge(before, tally, [expected for _, expected in sets], fused, shapes)
+
+
+#: Bytes of layer inputs and outputs one run fetches: onnxruntime keeps every graph output
+#: of a run alive to its end (30 layers of a 256x256 VAE decoder: ~880 MiB). Above it the
+#: layers are fetched in batches, one run per batch and input set (the cost: more runs).
+FETCH_BUDGET_BYTES = 256 * 2**20
+
+
+def _batches(layers: list[_Layer], model: ir.Model, plan: inputs_module.Plan) -> list[list[_Layer]]:
+    """Consecutive layers in batches whose fetched values fit :data:`FETCH_BUDGET_BYTES` at the
+    first input size tried (a layer's X and Y: twice X's size, its dims traced from the model
+    inputs, dynamic ones at the size the plan gives their name). A layer of unknown size
+    counts as the largest known one; with no size known, one batch (as before)."""
+    if not layers:
+        return [[]]
+    symbols = next(iter(plan.growth()), {})
+    values = {v.name: v for v in model.graph.inputs}
+    values.update((v.name, v) for node in model.graph for v in node.outputs if v.name)
+    sizes = [_layer_bytes(values.get(layer.x), values.get(layer.y), symbols) for layer in layers]
+    known = [b for b in sizes if b is not None]
+    if not known:
+        return [layers]
+    batches, total = [[]], 0
+    for layer, size in zip(layers, sizes):
+        cost = max(known) if size is None else size
+        if batches[-1] and total + cost > FETCH_BUDGET_BYTES:
+            batches.append([])
+            total = 0
+        batches[-1].append(layer)
+        total += cost
+    return batches
+
+
+def _layer_bytes(x: ir.Value | None, y: ir.Value | None, symbols: dict[str, int]) -> int | None:
+    """Bytes of a layer's X and Y (same shape), or None when X's dims are not known."""
+    if x is None:
+        return None
+    dims = _shapes.dims_of(x)
+    if dims is None:
+        return None
+    count = 1
+    for d in dims:
+        n = _shapes.evaluate(d, symbols)
+        if n is None or n < 0:
+            return None
+        count *= n
+    dtype = next((v.dtype for v in (y, x) if v is not None and v.dtype is not None), ir.DataType.FLOAT)
+    return math.ceil(2 * count * dtype.itemsize)
 
 
 class _Tally:
@@ -531,9 +610,11 @@ class _Tally:
         self.checks = [LayerCheck(node=layer.node, input=layer.x, output=layer.y, fused_error=0.0, fused_ratio=0.0) for layer in layers]
         self.suspect_inputs: dict[str, tuple[np.ndarray, dict]] = {}  # layer node -> (original X, params)
 
-    def add(self, side: str, index: int, results: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def add(self, side: str, index: int, results: dict[str, np.ndarray], batch: Sequence[_Layer]) -> dict[str, np.ndarray]:
+        """Tally the layers of ``batch`` (``results`` holds their values); returns the model outputs."""
+        judged = {id(layer) for layer in batch}
         for layer, check in zip(self.layers, self.checks):
-            if side == "original" and not layer.in_original:
+            if id(layer) not in judged or (side == "original" and not layer.in_original):
                 continue
             x, y = results[layer.x], results[layer.y]
             try:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import pathlib
 
 import numpy as np
 import onnx
@@ -355,8 +356,9 @@ def test_inputs_that_cannot_be_made_name_the_input_and_the_flag(case):
 
 def test_external_data_models_are_run_from_files(tmp_path, monkeypatch):
     """A path with external data is given to onnxruntime with its folder (the weights are never
-    loaded into a proto); a model over the 2 GB limit (the limit lowered here) is written to a
-    temporary folder with external data instead of being serialised."""
+    loaded into a proto); a model whose weights are in memory (above the inline limit, lowered
+    here) is written once to a temporary folder with external data: onnxruntime gets the graph
+    alone, never the weights serialised, and the folder is removed afterwards."""
     import onnx_ir as ir
 
     model = conv_stack_model()
@@ -366,19 +368,29 @@ def test_external_data_models_are_run_from_files(tmp_path, monkeypatch):
     v = verify_module.verify(tmp_path / "in.onnx", fused)
     assert v.verdict == "passed" and v.layers[0].original_error is not None
     assert (tmp_path / "in.onnx.data").read_bytes() == before
-    monkeypatch.setattr(verify_module, "EXTERNAL_DATA_THRESHOLD", 0)
+    from onnx_groupnorm.rewriter import io
+
+    monkeypatch.setattr(io, "INLINE_WEIGHTS_BYTES", 0)
+    monkeypatch.setattr(io, "INLINE_TENSOR_BYTES", 1024)  # the Conv kernels go external
     import onnxruntime
 
     loaded, real_session = [], onnxruntime.InferenceSession
 
-    def session(model, *args, **kwargs):
-        loaded.append(type(model))
-        return real_session(model, *args, **kwargs)
+    def session(model, options, *args, **kwargs):
+        folder = options.get_session_config_entry("session.model_external_initializers_file_folder_path")
+        loaded.append((len(model), sorted(p.name for p in pathlib.Path(folder).iterdir())))
+        return real_session(model, options, *args, **kwargs)
 
     monkeypatch.setattr(onnxruntime, "InferenceSession", session)
     fused_ir = ir.from_proto(fused)
-    v = verify_module.verify(model, fused_ir)
-    assert v.verdict == "passed" and loaded == [str, str]  # both from files, neither as bytes
+    work = tmp_path / "work"
+    work.mkdir()
+    v = verify_module.verify(model, fused_ir, workdir=work)
+    weights = sum(t.ByteSize() for t in model.graph.initializer)
+    assert v.verdict == "passed" and len(loaded) == 2
+    for size, files in loaded:  # the graph alone, its weights in the temporary data file
+        assert size < weights and files == ["model.onnx", "model.onnx.data"]
+    assert not list(work.iterdir())  # the temporary folders are removed
     assert len(fused_ir.graph.outputs) == 1  # the extra outputs are taken off again
 
 

@@ -161,39 +161,57 @@ class _Model:
         except Exception as e:
             raise _LoadError(f"{self.name}: cannot prepare the {self.role} model for onnxruntime: {one_line(e)}") from e
 
-    @contextlib.contextmanager
-    def _loadable(self, extra: Sequence[str]) -> Iterator[bytes]:
-        """The graph with ``extra`` as graph outputs, serialised (the outputs are put back after)."""
-        added = len(self.proto.graph.output)
-        self.proto.graph.output.extend(onnx.ValueInfoProto(name=n) for n in extra)
-        try:
-            data = self.proto.SerializeToString()
-        finally:
-            del self.proto.graph.output[added:]
-        yield data
+    def _graph_bytes(self, extra: Sequence[str], whole: bool) -> bytes:
+        """The graph with ``extra`` as graph outputs, serialised: the whole graph (its outputs
+        too), or only the nodes ``extra`` needs (a batch of layers early in the graph runs
+        the part of the model before them)."""
+        if whole:
+            added = len(self.proto.graph.output)
+            self.proto.graph.output.extend(onnx.ValueInfoProto(name=n) for n in extra if n not in self.outputs)
+            try:
+                return self.proto.SerializeToString()
+            finally:
+                del self.proto.graph.output[added:]
+        graph = self.proto.graph
+        nodes, needed = [], set(extra)
+        for node in reversed(graph.node):
+            if needed.intersection(node.output):
+                nodes.append(node)
+                needed.update(node.input)
+                needed.update(_subgraph_names(node))
+        pruned = onnx.ModelProto()
+        pruned.CopyFrom(self.proto)
+        del pruned.graph.node[:], pruned.graph.output[:]
+        pruned.graph.node.extend(reversed(nodes))
+        pruned.graph.output.extend(onnx.ValueInfoProto(name=n) for n in extra)
+        kept = [t for t in pruned.graph.initializer if t.name in needed]
+        del pruned.graph.initializer[:]
+        pruned.graph.initializer.extend(kept)
+        return pruned.SerializeToString()
 
     @contextlib.contextmanager
-    def session(self, extra: Sequence[str]) -> Iterator[Callable[[dict], dict[str, np.ndarray]]]:
-        """A runner ``feeds -> {name: array}`` for the graph outputs and ``extra``."""
+    def session(self, extra: Sequence[str], whole: bool = True) -> Iterator[Callable[[dict], dict[str, np.ndarray]]]:
+        """A runner ``feeds -> {name: array}`` for ``extra`` and, when ``whole``, the graph
+        outputs (else only the nodes ``extra`` needs run)."""
         ort = _onnxruntime()
         options = ort.SessionOptions()
         options.log_severity_level = 4  # sizes the model refuses are expected while growing
         # Default thread count; threads sleep when idle instead of spinning (verification
         # often shares the machine with the user's other work).
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        # Memory (benchmarks/fuse_memory.py --verify): no arena holding freed activations,
-        # no prepacked second copy of the Conv/MatMul weights (the weights stay mmapped).
+        # Memory (benchmarks/fuse_memory.py --model): no arena holding freed activations, no
+        # prepacked second copy of the MatMul weights (the weights stay memory-mapped).
         options.enable_cpu_mem_arena = False
         options.add_session_config_entry("session.disable_prepacking", "1")
         if self.folder is not None:
             options.add_session_config_entry("session.model_external_initializers_file_folder_path", os.fspath(self.folder))
-        names = list(dict.fromkeys([*self.outputs, *extra]))
-        with self._loadable([n for n in names if n not in self.outputs]) as model:
-            try:
-                session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
-            except Exception as e:
-                raise _LoadError(f"{self.name}: onnxruntime cannot load the {self.role} model: {one_line(e)}") from e
-            del model
+        names = list(dict.fromkeys([*self.outputs, *extra] if whole else extra))
+        model = self._graph_bytes(names, whole)
+        try:
+            session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+        except Exception as e:
+            raise _LoadError(f"{self.name}: onnxruntime cannot load the {self.role} model: {one_line(e)}") from e
+        del model
         fetch = [n for n in names if n]
         held = [session]  # emptied on exit: the session (and its memory) goes even if the runner stays
         del session
@@ -201,6 +219,17 @@ class _Model:
             yield lambda feeds: dict(zip(fetch, held[0].run(fetch, feeds)))
         finally:
             held.clear()
+
+
+def _subgraph_names(node: onnx.NodeProto) -> set[str]:
+    """Every value name the subgraphs of ``node`` (If/Loop/Scan bodies) read."""
+    names: set[str] = set()
+    for attr in node.attribute:
+        for graph in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
+            for inner in graph.node:
+                names.update(inner.input)
+                names.update(_subgraph_names(inner))
+    return names
 
 
 class _LoadError(Exception):
@@ -515,7 +544,9 @@ def _verify(before: _Model, after: _Model, plan: inputs_module.Plan) -> Verifica
     for layer in layers:
         layer.in_original = all(n is None or n in layer.constants or n in before.values for n in (layer.x, layer.y, *layer.params))
     tally = _Tally(layers, before.outputs)
-    batches = _batches(layers, after.ir, plan)
+    # The last layers first: their batch runs the whole model (the model outputs, and the
+    # sizes it accepts); each batch after it runs only the part before its layers.
+    batches = _batches(layers, after.ir, plan)[::-1]
     logger.debug("verification: %d layer(s) fetched in %d batch(es)", len(layers), len(batches))
 
     def fetched(batch: list[_Layer], side: str) -> list[str]:
@@ -525,7 +556,9 @@ def _verify(before: _Model, after: _Model, plan: inputs_module.Plan) -> Verifica
         with before.session(fetched(batches[0], "original")) as run:
             sets = _run_sets(plan, run, before.name, lambda index, results: tally.add("original", index, results, batches[0]))
         for batch in batches[1:]:
-            with before.session(fetched(batch, "original")) as run:
+            if not fetched(batch, "original"):
+                continue
+            with before.session(fetched(batch, "original"), whole=False) as run:
                 for i, (feeds, _) in enumerate(sets):
                     tally.add("original", i, run(feeds), batch)
     except _LoadError as e:  # the same one-line classification as the CLI's loading
@@ -538,7 +571,7 @@ def _verify(before: _Model, after: _Model, plan: inputs_module.Plan) -> Verifica
     fused: list[dict] = []
     for b, batch in enumerate(batches):
         try:
-            with after.session(fetched(batch, "fused")) as run:
+            with after.session(fetched(batch, "fused"), whole=b == 0) as run:
                 for i, (feeds, _) in enumerate(sets):
                     try:
                         outputs = tally.add("fused", i, run(feeds), batch)
@@ -553,7 +586,8 @@ def _verify(before: _Model, after: _Model, plan: inputs_module.Plan) -> Verifica
 
 #: Bytes of layer inputs and outputs one run fetches: onnxruntime keeps every graph output
 #: of a run alive to its end (30 layers of a 256x256 VAE decoder: ~880 MiB). Above it the
-#: layers are fetched in batches, one run per batch and input set (the cost: more runs).
+#: layers are fetched in batches, one run per batch and input set (the cost: more runs, each
+#: of the part of the model up to its layers).
 FETCH_BUDGET_BYTES = 256 * 2**20
 
 
@@ -629,7 +663,7 @@ class _Tally:
             if side == "original" and ratio > 1 and layer.node not in self.suspect_inputs:
                 self.suspect_inputs[layer.node] = (x.copy(), {n: results[n].copy() for n in layer.params if n in results})
         # Copies: onnxruntime's arrays may keep the session's whole memory arena alive.
-        return {name: np.array(results[name], copy=True) for name in self.outputs}
+        return {name: np.array(results[name], copy=True) for name in self.outputs if name in results}
 
 
 def _judge(before: _Model, tally: _Tally, expected_sets: list[dict], fused: list[dict], shapes: list[dict]) -> Verification:

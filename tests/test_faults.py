@@ -509,9 +509,11 @@ def test_stale_temp_folders_of_dead_processes_are_removed(export, tmp_path, caps
 
 
 @pytest.mark.slow
-def test_a_real_file_over_2_gb(tmp_path, capsys):
+@pytest.mark.parametrize("verify", [False, True], ids=["fuse", "verify"])
+def test_a_real_file_over_2_gb(verify, tmp_path, capsys):
     """Above the real threshold: a 2.1 GB initializer in a sparse external data file (no
-    disk used for the input), fused and written with its own data file beside the output."""
+    disk used for the input), fused (and verified: onnxruntime reads the input's data file in
+    place) and written with its own data file beside the output."""
     from helpers import keras_dynamo_group_norm, single_model
 
     shape = (2, 6, 6, 16)
@@ -533,9 +535,10 @@ def test_a_real_file_over_2_gb(tmp_path, capsys):
     (folder / "model.onnx").write_bytes(model.SerializeToString())
     before = _digest([folder / "model.onnx"])
     out = tmp_path / "fused.onnx"
-    code, text, err = _run(["fuse", folder / "model.onnx", "-o", out], capsys)
+    code, text, err = _run(["fuse", folder / "model.onnx", "-o", out] + (["--verify"] if verify else []), capsys)
     assert code == cli.EXIT_OK, err
     assert "fused 1 GroupNormalization layer" in text
+    assert ("verification passed" in text) == verify, text
     fused = onnx.load(out, load_external_data=False)
     (written,) = [t for t in fused.graph.initializer if t.name == "big"]
     assert {e.key: e.value for e in written.external_data}["location"] == "fused.onnx.data"

@@ -406,3 +406,32 @@ def test_large_layers_are_compared_a_few_groups_at_a_time(monkeypatch):
         assert b.fused_error == pytest.approx(a.fused_error, rel=1e-9)
         assert b.original_error == pytest.approx(a.original_error, rel=1e-9)
     assert chunked.verdict == whole.verdict == verify_module.MORE_ACCURATE
+
+
+def test_layers_fetched_in_batches_are_judged_the_same(monkeypatch):
+    """Under a fetch budget of one byte each layer is its own batch (the first runs the whole
+    model, the others only the nodes before their layer): the same errors, outputs and verdict
+    as one run fetching every layer."""
+    import onnxruntime
+
+    from corpus import manifest
+
+    entry = next(e for e in manifest()["models"] if e["name"] == "keras_torch_export_ts_nhwc_r4_block_c32_g8")
+    _, report = fuse(load(entry), verify=True, target="function")
+    together = report.verification
+    assert together.verdict == "passed" and len(together.layers) == 3
+    assert all(c.original_error is not None for c in together.layers)  # each layer fetched from both models
+    graphs, real_session = [], onnxruntime.InferenceSession
+
+    def session(model, *args, **kwargs):
+        graphs.append(onnx.load_from_string(model))
+        return real_session(model, *args, **kwargs)
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", session)
+    monkeypatch.setattr(verify_module, "FETCH_BUDGET_BYTES", 1)
+    _, report = fuse(load(entry), verify=True, target="function")
+    apart = report.verification
+    assert apart == together
+    assert len(graphs) == 2 * 3  # one session per layer and model
+    whole = max(len(g.graph.node) for g in graphs)
+    assert sum(len(g.graph.node) < whole for g in graphs) >= 2  # the earlier layers' runs are of part of the model

@@ -196,10 +196,8 @@ class _Model:
         pruned.graph.initializer.extend(kept)
         return pruned.SerializeToString()
 
-    @contextlib.contextmanager
-    def session(self, extra: Sequence[str], whole: bool = True) -> Iterator[Callable[[dict], dict[str, np.ndarray]]]:
-        """A runner ``feeds -> {name: array}`` for ``extra`` and, when ``whole``, the graph
-        outputs (else only the nodes ``extra`` needs run)."""
+    def open(self, model: bytes):
+        """An onnxruntime session of ``model`` (this model's graph or a part of it)."""
         ort = _onnxruntime()
         options = ort.SessionOptions()
         options.log_severity_level = 4  # sizes the model refuses are expected while growing
@@ -212,13 +210,17 @@ class _Model:
         options.add_session_config_entry("session.disable_prepacking", "1")
         if self.folder is not None:
             options.add_session_config_entry("session.model_external_initializers_file_folder_path", os.fspath(self.folder))
-        names = list(dict.fromkeys([*self.outputs, *extra] if whole else extra))
-        model = self._graph_bytes(names, whole)
         try:
-            session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+            return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
         except Exception as e:
             raise _LoadError(f"{self.name}: onnxruntime cannot load the {self.role} model: {one_line(e)}") from e
-        del model
+
+    @contextlib.contextmanager
+    def session(self, extra: Sequence[str], whole: bool = True) -> Iterator[Callable[[dict], dict[str, np.ndarray]]]:
+        """A runner ``feeds -> {name: array}`` for ``extra`` and, when ``whole``, the graph
+        outputs (else only the nodes ``extra`` needs run)."""
+        names = list(dict.fromkeys([*self.outputs, *extra] if whole else extra))
+        session = self.open(self._graph_bytes(names, whole))
         fetch = [n for n in names if n]
         held = [session]  # emptied on exit: the session (and its memory) goes even if the runner stays
         del session
@@ -247,6 +249,97 @@ def _subgraph_names(node: onnx.NodeProto) -> set[str]:
                 names.update(inner.input)
                 names.update(_subgraph_names(inner))
     return names
+
+
+class _Unsegmentable(Exception):
+    """A value crossing a cut is not a tensor onnxruntime can be fed: run the model whole."""
+
+
+class _Segments:
+    """``model`` cut after each batch's layers into consecutive parts of its node list, each
+    run in a session of its own: part k runs its nodes once, fed the model inputs and the
+    values earlier parts computed that it reads (kept in between), and returns its batch's
+    layer values and what later parts need. One run through the parts costs one run of the
+    model; onnxruntime holds the fetched values of one batch at a time, and one part's
+    session (opened for each run: the values fed across a cut are typed from that run)."""
+
+    def __init__(self, model: _Model, fetches: list[list[str]]) -> None:
+        self.model = model
+        graph = model.proto.graph
+        self.nodes = list(graph.node)
+        self.produced = {o: i for i, node in enumerate(self.nodes) for o in node.output if o}
+        reads = [{n for n in (*node.input, *_subgraph_names(node)) if n} for node in self.nodes]
+        self.reads = reads
+        last_use: dict[str, int] = {}
+        for i, names in enumerate(reads):
+            for n in names:
+                last_use[n] = i
+        outputs = set(model.outputs)
+        if any(n not in self.produced and n not in {v.name for v in graph.input} for n in outputs):
+            raise _Unsegmentable("a model output is an initializer")
+        self.parts = []  # (first node, last node, fetch here, names needed after)
+        start = 0
+        for k, fetch in enumerate(fetches):
+            end = len(self.nodes) - 1 if k == len(fetches) - 1 else max([start - 1, *(self.produced.get(n, -1) for n in fetch)])
+            later = set().union(*fetches[k + 1:]) | outputs
+            needed_after = {n for n, i in last_use.items() if i > end} | later
+            self.parts.append((start, end, list(fetch), needed_after))
+            start = end + 1
+
+    def _session(self, k: int, carried: dict[str, np.ndarray], outputs: list[str]):
+        start, end, _, _ = self.parts[k]
+        nodes = self.nodes[start:end + 1]
+        reads = set().union(*self.reads[start:end + 1])
+        part = onnx.ModelProto()
+        part.CopyFrom(self.model.proto)
+        graph = part.graph
+        del graph.node[:], graph.output[:]
+        graph.node.extend(nodes)
+        kept = [t for t in graph.initializer if t.name in reads]
+        del graph.initializer[:]
+        graph.initializer.extend(kept)
+        for name in sorted(n for n in reads if n in carried):
+            array = carried[name]
+            try:
+                elem = onnx.helper.np_dtype_to_tensor_dtype(array.dtype)
+            except Exception as e:
+                raise _Unsegmentable(f"{name}: {array.dtype}") from e
+            graph.input.append(onnx.helper.make_tensor_value_info(name, elem, [None] * array.ndim))
+        graph.output.extend(onnx.ValueInfoProto(name=n) for n in outputs)
+        try:
+            return self.model.open(part.SerializeToString())
+        except _LoadError as e:  # the whole model's session says whose fault it is
+            raise _Unsegmentable(one_line(e)) from e
+
+    def run(self, feeds: dict[str, np.ndarray], each: Callable[[int, dict], None]) -> dict[str, np.ndarray]:
+        """Run every part on ``feeds``; ``each(k, values)`` gets part k's batch values;
+        returns the model outputs."""
+        carried: dict[str, np.ndarray] = {}
+        for k, (start, end, fetch, needed_after) in enumerate(self.parts):
+            inside = {o for node in self.nodes[start:end + 1] for o in node.output if o}
+            outputs = list(dict.fromkeys([*(n for n in fetch if n in inside), *sorted(inside & needed_after)]))
+            results: dict[str, np.ndarray] = {}
+            if outputs:
+                # One session at a time, opened for this run: a held session keeps its
+                # activations' memory (onnxruntime caches the run's memory pattern).
+                session = self._session(k, carried, outputs)
+                reads = set().union(*self.reads[start:end + 1])
+                part_feeds = {**feeds, **{n: carried[n] for n in reads if n in carried}}
+                try:
+                    results = dict(zip(outputs, session.run(outputs, part_feeds)))
+                finally:
+                    del session
+                    _trim()
+            for n in outputs:
+                if not isinstance(results[n], np.ndarray):
+                    raise _Unsegmentable(f"{n} is not a tensor")
+            values = {n: results.get(n, carried.get(n, feeds.get(n))) for n in fetch}
+            each(k, {n: v for n, v in values.items() if v is not None})
+            carried.update((n, results[n]) for n in outputs if n in needed_after)
+            carried = {n: v for n, v in carried.items() if n in needed_after}
+            del results, values
+        return {n: carried.get(n, feeds.get(n)) for n in self.model.outputs}
+
 
 
 class _LoadError(Exception):
@@ -493,6 +586,8 @@ def _run_sets(plan: inputs_module.Plan, run: Callable[[dict], dict], source: str
         feeds = plan.feeds(sizes)
         try:
             results = run(feeds)
+        except _Unsegmentable:
+            raise
         except Exception as e:  # the model does not accept these sizes: grow
             logger.debug("original model rejected %s: %s", {k: v.shape for k, v in feeds.items()}, e)
             last = e
@@ -512,6 +607,8 @@ def _run_sets(plan: inputs_module.Plan, run: Callable[[dict], dict], source: str
         feeds = plan.feeds(sizes, index=1)
         try:
             results = run(feeds)
+        except _Unsegmentable:
+            raise
         except Exception as e:
             logger.debug("original model rejected the second size %s: %s", sizes, e)
         else:
@@ -556,19 +653,64 @@ def verify(
         return _verify(before, after, inputs_module.Plan(before.ir, spec, seed=seed))
 
 
+def _fetched(batch: list[_Layer], side: str) -> list[str]:
+    return [n for layer in batch if side == "fused" or layer.in_original for n in layer.fetched]
+
+
+def _failed(shapes: list[dict], detail: str) -> Verification:
+    return Verification(
+        passed=False, max_abs_error=float("nan"), worst_ratio=float("inf"), rtol=_DEFAULT.rtol, atol=_DEFAULT.atol,
+        inputs=shapes[0], detail=detail, verdict="FAILED", input_sets=shapes,
+    )
+
+
 def _verify(before: _Model, after: _Model, plan: inputs_module.Plan) -> Verification:
     layers = _layers(after.ir)
     for layer in layers:
         layer.in_original = all(n is None or n in layer.constants or n in before.values for n in (layer.x, layer.y, *layer.params))
-    tally = _Tally(layers, before.outputs)
-    # The last layers first: their batch runs the whole model (the model outputs, and the
-    # sizes it accepts); each batch after it runs only the part before its layers.
-    batches = _batches(layers, after.ir, plan)[::-1]
+    batches = _batches(layers, after.ir, plan)
     logger.debug("verification: %d layer(s) fetched in %d batch(es)", len(layers), len(batches))
+    if len(batches) > 1:
+        try:
+            return _verify_in_parts(before, after, plan, layers, batches)
+        except _Unsegmentable as e:
+            logger.debug("verification: the models cannot be cut (%s); one run per batch", e)
+    return _verify_in_batches(before, after, plan, layers, batches[::-1])
 
-    def fetched(batch: list[_Layer], side: str) -> list[str]:
-        return [n for layer in batch if side == "fused" or layer.in_original for n in layer.fetched]
 
+def _verify_in_parts(before: _Model, after: _Model, plan: inputs_module.Plan, layers: list[_Layer], batches: list[list[_Layer]]) -> Verification:
+    """Each model cut after each batch's layers (:class:`_Segments`): one run of each model
+    per input set, one batch of layer values held at a time."""
+    tally = _Tally(layers, before.outputs)
+
+    def runner(parts: _Segments, side: str) -> Callable[[dict], dict]:
+        def run(feeds: dict) -> dict:
+            measured: list = []
+            outputs = parts.run(feeds, lambda k, values: measured.extend(tally.measure(side, values, batches[k])))
+            tally.commit(side, measured)
+            return {n: np.array(v, copy=True) for n, v in outputs.items()}
+        return run
+
+    parts = _Segments(before, [_fetched(b, "original") for b in batches])
+    sets = _run_sets(plan, runner(parts, "original"), before.name, lambda index, outputs: outputs)
+    shapes = [{k: list(v.shape) for k, v in feeds.items()} for feeds, _ in sets]
+    parts = _Segments(after, [_fetched(b, "fused") for b in batches])
+    run, fused = runner(parts, "fused"), []
+    for i, (feeds, _) in enumerate(sets):
+        try:
+            fused.append(run(feeds))
+        except _Unsegmentable:
+            raise
+        except Exception as e:
+            return _failed(shapes, f"the fused model failed on input set {i + 1} that the original ran on: {one_line(e)}")
+    return _judge(before, tally, [expected for _, expected in sets], fused, shapes)
+
+
+def _verify_in_batches(before: _Model, after: _Model, plan: inputs_module.Plan, layers: list[_Layer], batches: list[list[_Layer]]) -> Verification:
+    """One session and run per batch and input set: the first batch's runs the whole model
+    (its outputs, and the sizes it accepts), each later one only the nodes its layers need."""
+    tally = _Tally(layers, before.outputs)
+    fetched = _fetched
     try:
         with before.session(fetched(batches[0], "original")) as run:
             sets = _run_sets(plan, run, before.name, lambda index, results: tally.add("original", index, results, batches[0]))
@@ -582,10 +724,7 @@ def _verify(before: _Model, after: _Model, plan: inputs_module.Plan) -> Verifica
     except _LoadError as e:  # the same one-line classification as the CLI's loading
         raise (model_file_error(e.__cause__, before.name) or ModelFileError(str(e))) from e
     shapes = [{k: list(v.shape) for k, v in feeds.items()} for feeds, _ in sets]
-    failed = lambda detail: Verification(  # noqa: E731
-        passed=False, max_abs_error=float("nan"), worst_ratio=float("inf"), rtol=_DEFAULT.rtol, atol=_DEFAULT.atol,
-        inputs=shapes[0], detail=detail, verdict="FAILED", input_sets=shapes,
-    )
+    failed = lambda detail: _failed(shapes, detail)  # noqa: E731
     fused: list[dict] = []
     for b, batch in enumerate(batches):
         try:
@@ -664,7 +803,15 @@ class _Tally:
 
     def add(self, side: str, index: int, results: dict[str, np.ndarray], batch: Sequence[_Layer]) -> dict[str, np.ndarray]:
         """Tally the layers of ``batch`` (``results`` holds their values); returns the model outputs."""
+        self.commit(side, self.measure(side, results, batch))
+        # Copies: onnxruntime's arrays may keep the session's whole memory arena alive.
+        return {name: np.array(results[name], copy=True) for name in self.outputs if name in results}
+
+    def measure(self, side: str, results: dict[str, np.ndarray], batch: Sequence[_Layer]) -> list[tuple]:
+        """The errors of the layers of ``batch`` in ``results``, to :meth:`commit` once the run
+        they come from has finished (a run that fails part way tallies nothing)."""
         judged = {id(layer) for layer in batch}
+        measured = []
         for layer, check in zip(self.layers, self.checks):
             if id(layer) not in judged or (side == "original" and not layer.in_original):
                 continue
@@ -675,13 +822,19 @@ class _Tally:
                 logger.debug("layer %s: no %s reference: %s", layer.node, side, e)
                 continue
             ratio = d.ratio if d.same_positions else float("inf")
+            suspect = None
+            if side == "original" and ratio > 1 and layer.node not in self.suspect_inputs:
+                suspect = (x.copy(), {n: results[n].copy() for n in layer.params if n in results})
+            measured.append((layer, check, d, ratio, suspect))
+        return measured
+
+    def commit(self, side: str, measured: list[tuple]) -> None:
+        for layer, check, d, ratio, suspect in measured:
             error, worst = getattr(check, f"{side}_error") or 0.0, getattr(check, f"{side}_ratio") or 0.0
             setattr(check, f"{side}_error", max(error, d.max_abs))
             setattr(check, f"{side}_ratio", max(worst, ratio))
-            if side == "original" and ratio > 1 and layer.node not in self.suspect_inputs:
-                self.suspect_inputs[layer.node] = (x.copy(), {n: results[n].copy() for n in layer.params if n in results})
-        # Copies: onnxruntime's arrays may keep the session's whole memory arena alive.
-        return {name: np.array(results[name], copy=True) for name in self.outputs if name in results}
+            if suspect is not None and layer.node not in self.suspect_inputs:
+                self.suspect_inputs[layer.node] = suspect
 
 
 def _judge(before: _Model, tally: _Tally, expected_sets: list[dict], fused: list[dict], shapes: list[dict]) -> Verification:

@@ -408,10 +408,18 @@ def test_large_layers_are_compared_a_few_groups_at_a_time(monkeypatch):
     assert chunked.verdict == whole.verdict == verify_module.MORE_ACCURATE
 
 
-def test_layers_fetched_in_batches_are_judged_the_same(monkeypatch):
-    """Under a fetch budget of one byte each layer is its own batch (the first runs the whole
-    model, the others only the nodes before their layer): the same errors, outputs and verdict
-    as one run fetching every layer."""
+#: Errors of the same layer found by one run or by runs of parts of the model: onnxruntime
+#: fuses nodes differently across a cut, which moves float32 results by a few ulp; the
+#: errors compared (~1e-7..1e-5) agree to far better than this.
+_PARTS_ERROR_TOLERANCE = 1e-6
+
+
+@pytest.mark.parametrize("mode", ["parts", "batches"])
+def test_layers_fetched_in_batches_are_judged_the_same(mode, monkeypatch):
+    """Under a fetch budget of one byte each layer is its own batch: the models cut into one
+    part per layer, each run once (``parts``), or, where a model cannot be cut, one run per
+    layer of the nodes before it (``batches``). The same verdict, layers and outputs as one
+    run fetching every layer."""
     import onnxruntime
 
     from corpus import manifest
@@ -429,9 +437,19 @@ def test_layers_fetched_in_batches_are_judged_the_same(monkeypatch):
 
     monkeypatch.setattr(onnxruntime, "InferenceSession", session)
     monkeypatch.setattr(verify_module, "FETCH_BUDGET_BYTES", 1)
+    if mode == "batches":
+        def uncuttable(self, *args):
+            raise verify_module._Unsegmentable("test")
+
+        monkeypatch.setattr(verify_module._Segments, "__init__", uncuttable)
     _, report = fuse(load(entry), verify=True, target="function")
     apart = report.verification
-    assert apart == together
-    assert len(graphs) == 2 * 3  # one session per layer and model
+    assert (apart.verdict, apart.input_sets) == (together.verdict, together.input_sets)
+    for a, b in zip(apart.layers + apart.outputs, together.layers + together.outputs):
+        for field in ("fused_error", "original_error", "max_abs_error"):
+            if hasattr(a, field):
+                assert getattr(a, field) == pytest.approx(getattr(b, field), abs=_PARTS_ERROR_TOLERANCE), (a, b)
+    sessions = 2 * 3 * (len(apart.input_sets) if mode == "parts" else 1)  # per model: a part per layer (per set), or a batch per layer
+    assert len(graphs) == sessions
     whole = max(len(g.graph.node) for g in graphs)
-    assert sum(len(g.graph.node) < whole for g in graphs) >= 2  # the earlier layers' runs are of part of the model
+    assert sum(len(g.graph.node) < whole for g in graphs) >= 2  # runs of parts of the model

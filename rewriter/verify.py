@@ -741,11 +741,12 @@ def _verify_in_batches(before: _Model, after: _Model, plan: inputs_module.Plan, 
     return _judge(before, tally, [expected for _, expected in sets], fused, shapes)
 
 
-#: Bytes of layer inputs and outputs one run fetches: onnxruntime keeps every graph output
-#: of a run alive to its end (30 layers of a 256x256 VAE decoder: ~880 MiB). Above it the
-#: layers are fetched in batches, one run per batch and input set (the cost: more runs, each
-#: of the part of the model up to its layers).
-FETCH_BUDGET_BYTES = 256 * 2**20
+#: Bytes of layer inputs and outputs fetched at once: onnxruntime keeps every graph output of
+#: a run alive to its end (30 layers of a 256x256 VAE decoder: ~880 MiB). Above it the layers
+#: are fetched in batches, each model cut into one part per batch (:class:`_Segments`; the
+#: cost: a session per part). 128 MiB, one or two of that decoder's largest layers: its
+#: peak RSS 761 MiB at 21 s, against 909 MiB at 22 s with 256 MiB (benchmarks/fuse_memory.py).
+FETCH_BUDGET_BYTES = 128 * 2**20
 
 
 def _batches(layers: list[_Layer], model: ir.Model, plan: inputs_module.Plan) -> list[list[_Layer]]:

@@ -24,8 +24,15 @@ the output holds its weights in external data, and, when ``NAME.npz`` is beside 
 onnxruntime's max abs difference fused vs original on its inputs and fused vs the framework's
 output (in a child process, one session at a time: ~2x the model in memory).
 
+``--model PATH --modes cli,cli-verify`` measures the command line on that model: ``onnx-groupnorm fuse``
+(``cli``) and ``onnx-groupnorm fuse --verify`` (``cli-verify``), peak RSS against the
+``--verify`` goal of issue #8 (3x the model file + 300 MiB), in fresh processes alternated
+round by round; ``--before ROOT`` adds the same runs of another checkout (its repository
+root, e.g. /work/main) for a before/after table with the ratio of wall times.
+
     python benchmarks/fuse_memory.py [--workdir /tmp/fuse_memory] [--blocks 21] [--constant-mib 64] [--pythonpath DIR]
     python benchmarks/fuse_memory.py --model PATH [--targets ort,portable] [--no-parity]
+    python benchmarks/fuse_memory.py --model MODEL.onnx --modes cli,cli-verify [--before ROOT] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ import argparse
 import hashlib
 import json
 import os
+import statistics
 import pathlib
 import re
 import subprocess
@@ -121,20 +129,35 @@ def build(path: pathlib.Path, blocks: int, constant_mib: int) -> int:
     return weights
 
 
+#: The command line, in-process (``cli.main``), printing which checkout ran.
+_CLI = """
+import sys, onnx_groupnorm.rewriter as r
+from onnx_groupnorm import cli
+code = cli.main(sys.argv[1:])
+print("exit", code, "checkout", r.__file__)
+"""
+#: The --verify goal of issue #8: peak RSS within this multiple of the model file + 300 MiB.
+VERIFY_GOAL = 3.0
+
+
 def measure(mode: str, src: pathlib.Path, dst: pathlib.Path, pythonpath: str | None) -> tuple[float, float, str]:
     """Peak RSS (MiB) and wall seconds of one fuse in a fresh process, and its output."""
-    code = _RUN[mode].format(src=str(src), dst=str(dst))
-    return timed([sys.executable, "-c", code], pythonpath)
+    if mode.startswith("cli"):
+        argv = ["-c", _CLI, "fuse", str(src), "-o", str(dst), "-q"] + (["--verify"] if mode == "cli-verify" else [])
+    else:
+        argv = ["-c", _RUN[mode].format(src=str(src), dst=str(dst))]
+    # exit 1 (verification failed) is measured all the same
+    return timed(["nice", "-n", "10", sys.executable, *argv], pythonpath, accept=(0, 1) if mode.startswith("cli") else (0,))
 
 
-def timed(command: list[str], pythonpath: str | None = None) -> tuple[float, float, str]:
+def timed(command: list[str], pythonpath: str | None = None, accept: tuple[int, ...] = (0,)) -> tuple[float, float, str]:
     """Peak RSS (MiB) and wall seconds of ``command`` under ``/usr/bin/time -v``, and its stdout
     (``/usr/bin/time`` is the parent: the peak is the command's own, not this process' size)."""
     env = dict(os.environ)
     if pythonpath:
         env["PYTHONPATH"] = pythonpath
     done = subprocess.run(["/usr/bin/time", "-v", *command], capture_output=True, text=True, env=env)
-    if done.returncode:
+    if done.returncode not in accept:
         errors = [line for line in done.stderr.splitlines() if "Error" in line]
         return float("nan"), float("nan"), "failed: " + (errors[-1] if errors else "see stderr")[:160]
     rss_kib = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", done.stderr).group(1))
@@ -220,19 +243,69 @@ def measure_model(model: pathlib.Path, targets: list[str], workdir: pathlib.Path
               f"{per_100mb:.2f} | {layers} / {expected} | {unchanged} | {', '.join(external) or 'none'} {diffs}", flush=True)
 
 
+def _checkout_tree(root: pathlib.Path, into: pathlib.Path) -> str:
+    """A PYTHONPATH entry importing ``onnx_groupnorm`` from the repository at ``root``
+    (its src/onnx_groupnorm with ops/ and rewriter/ inside, as the editable install maps it)."""
+    package = into / "onnx_groupnorm"
+    package.mkdir(parents=True, exist_ok=True)
+    for f in (root / "src" / "onnx_groupnorm").iterdir():
+        if not (package / f.name).exists():
+            (package / f.name).symlink_to(f)
+    for sub in ("ops", "rewriter"):
+        if not (package / sub).exists():
+            (package / sub).symlink_to(root / sub)
+    return str(into)
+
+
+def main_cli(args) -> None:
+    """The command line on ``args.model``: fuse and fuse --verify, this checkout (and --before)."""
+    model = args.model.resolve()
+    size_mib = model.stat().st_size / 2**20
+    goal = VERIFY_GOAL * size_mib + 300
+    checkouts = {"this": None}
+    if args.before:
+        checkouts["before"] = _checkout_tree(args.before.resolve(), args.workdir / "before_tree")
+    modes = args.modes.split(",") if args.modes != "proto,ir" else ["cli", "cli-verify"]
+    results: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    outputs: dict[tuple[str, str], str] = {}
+    for _ in range(args.rounds):  # alternated: a load change hits every variant alike
+        for mode in modes:
+            for name, pythonpath in checkouts.items():
+                with tempfile.TemporaryDirectory(dir=args.workdir) as out:
+                    rss, wall, stdout = measure(mode, model, pathlib.Path(out) / "out.onnx", pythonpath)
+                results.setdefault((mode, name), []).append((rss, wall))
+                outputs[(mode, name)] = stdout.splitlines()[-1] if stdout else ""
+    print(f"model: {model} ({size_mib:.0f} MiB); --verify goal {VERIFY_GOAL:g}x + 300 MiB = {goal:.0f} MiB; "
+          f"{args.rounds} round(s), medians; load: {os.getloadavg()[0]:.1f}")
+    print("| mode | checkout | peak RSS MiB | RSS / model | within the goal | wall s | wall / before | last line |")
+    print("|---|---|---|---|---|---|---|---|")
+    for mode in modes:
+        for name in checkouts:
+            runs = results[(mode, name)]
+            rss, wall = statistics.median(r for r, _ in runs), statistics.median(w for _, w in runs)
+            before = results.get((mode, "before"))
+            ratio = f"{wall / statistics.median(w for _, w in before):.2f}" if before and name != "before" else ""
+            inside = ("yes" if rss <= goal else "NO") if mode == "cli-verify" else ""
+            print(f"| {mode} | {name} | {rss:.0f} | {rss / size_mib:.2f} | {inside} | {wall:.1f} | {ratio} | {outputs[(mode, name)][:60]} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=pathlib.Path, default=pathlib.Path(tempfile.gettempdir()) / "fuse_memory")
     parser.add_argument("--blocks", type=int, default=21, help="Conv+GroupNorm blocks (21: ~199 MB of weights)")
     parser.add_argument("--constant-mib", type=int, default=0, help="add a 1-D int64 Constant node of this size (MiB)")
     parser.add_argument("--pythonpath", help="measure the onnx_groupnorm found on this path instead")
-    parser.add_argument("--modes", default="proto,ir")
+    parser.add_argument("--modes", default="proto,ir", help="proto,ir (synthetic model) or cli,cli-verify (--model)")
     parser.add_argument("--model", type=pathlib.Path, help="measure the CLI on this model instead of building one")
+    parser.add_argument("--before", type=pathlib.Path, help="with --model --modes cli,...: also measure the checkout at this repository root")
+    parser.add_argument("--rounds", type=int, default=1, help="with --model --modes cli,...: alternated rounds (medians)")
     parser.add_argument("--targets", default="ort,portable", help="with --model: the CLI's --target values, comma-separated")
     parser.add_argument("--no-parity", action="store_true", help="with --model: skip the onnxruntime comparison")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
-    if args.model:
+    if args.model and (args.before or args.modes.startswith("cli")):
+        main_cli(args)
+    elif args.model:
         measure_model(args.model, args.targets.split(","), args.workdir, not args.no_parity)
         return
     src = args.workdir / f"blocks{args.blocks}_constant{args.constant_mib}.onnx"

@@ -48,7 +48,7 @@ from onnxscript.optimizer import _constant_folding
 
 __all__ = [
     "Sym", "Dim", "dims_of", "int_values", "reshape_dims", "same_dims", "INFER", "numpy_of", "constant_array",
-    "adopt_folded_facts", "equal_dims", "FOLDED_META_KEY", "DIMS_META_KEY",
+    "adopt_folded_facts", "equal_dims", "FOLDED_META_KEY", "DIMS_META_KEY", "evaluate",
 ]
 
 logger = logging.getLogger(__name__)
@@ -394,6 +394,17 @@ def _sympy(d: Dim) -> sympy.Expr | None:
     if d.op == "Div":
         return None if b == 0 else sympy.floor(a / b)
     return {"Mul": a * b, "Add": a + b, "Sub": a - b}[d.op]
+
+
+def evaluate(d: Dim, sizes: dict[str, int]) -> int | None:
+    """``d`` as an integer, its named params (dim_params) taken from ``sizes``; None if unknown."""
+    if isinstance(d, int) and not isinstance(d, bool):
+        return d
+    expr = _sympy(d)
+    if expr is None:
+        return None
+    expr = expr.subs({s: sizes[s.name] for s in expr.free_symbols if s.name in sizes})
+    return int(expr) if expr.is_Integer else None
 
 
 @functools.lru_cache(maxsize=4096)

@@ -47,6 +47,11 @@ __all__ = [
     "check_spares_input",
     "referenced_files",
     "estimated_size",
+    "in_memory_bytes",
+    "external_folders",
+    "temp_dir",
+    "INLINE_WEIGHTS_BYTES",
+    "offload_weights",
     "load_model",
     "save_model",
     "save_text",
@@ -64,6 +69,16 @@ EXTERNAL_DATA_THRESHOLD = 2**31 - 2**20
 #: name fits; the pid tells a stale one (its process is gone) from one in use.
 TEMP_PREFIX = ".ogn-"
 _TEMP_NAME = re.compile(re.escape(TEMP_PREFIX) + r"(\d+)-")
+
+#: Weights in memory up to this many bytes in all may travel inside a graph (given to
+#: onnxruntime for --verify); above it they go to a data file onnxruntime memory-maps.
+INLINE_WEIGHTS_BYTES = 64 * 2**20
+#: Offsets of large tensors in the data files we write for onnxruntime: a multiple of the
+#: page size (64 KiB covers every platform), so that it memory-maps them instead of copying.
+MMAP_ALIGNMENT = 65536
+#: Tensors up to this size stay inline in such a graph: onnxruntime's shape inference at
+#: load time needs shape constants inline (it cannot read them from external data).
+INLINE_TENSOR_BYTES = 64 * 1024
 
 #: Bytes per node the size estimate adds for the graph itself (names, attributes).
 _BYTES_PER_NODE = 256
@@ -215,6 +230,28 @@ def estimated_size(model: ir.Model) -> int:
     return tensors + _BYTES_PER_NODE * nodes
 
 
+def in_memory_bytes(model: ir.Model) -> int:
+    """Bytes of the tensors ``model`` holds in memory (not in external data)."""
+    return sum(tensor.nbytes for _, _, tensor in _tensor_slots(model) if not isinstance(tensor, ir.ExternalTensor))
+
+
+def external_folders(model: ir.Model) -> set[pathlib.Path]:
+    """The folders the external tensors of ``model`` are read relative to (their base_dir)."""
+    return {pathlib.Path(os.path.realpath(t.base_dir or ".")) for _, _, t in _tensor_slots(model) if isinstance(t, ir.ExternalTensor)}
+
+
+def offload_weights(model: ir.Model, folder: str | os.PathLike, name: str = "weights.data") -> None:
+    """Move the initializers ``model`` holds in memory (above :data:`INLINE_TENSOR_BYTES`)
+    into ``folder/name``, in place: from then on they are read from there, memory-mapped, and
+    the memory that held them is freed. ``folder`` must outlive every use of ``model``."""
+    ir.external_data.unload_from_model(model, folder, name, size_threshold_bytes=INLINE_TENSOR_BYTES, alignment=MMAP_ALIGNMENT)
+    # The small tensors left are views into the protobuf message the file was parsed into:
+    # one of them keeps all of it alive. Copied, they let it go.
+    for owner, key, tensor in list(_tensor_slots(model)):
+        if isinstance(tensor, ir.TensorProtoTensor) and tensor.dtype != ir.DataType.STRING:
+            _set_tensor(owner, key, ir.Tensor(tensor.numpy(), dtype=tensor.dtype, name=tensor.name, doc_string=tensor.doc_string))
+
+
 def _external_paths(model: ir.Model) -> set[pathlib.Path]:
     return {pathlib.Path(t.path) for _, _, t in _tensor_slots(model) if isinstance(t, ir.ExternalTensor)}
 
@@ -334,7 +371,9 @@ def _signals_held() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _temp_dir(directory: pathlib.Path) -> Iterator[pathlib.Path]:
+def temp_dir(directory: str | os.PathLike) -> Iterator[pathlib.Path]:
+    """A new folder ``.ogn-<pid>-*`` in ``directory``, removed on exit (stale ones of dead
+    processes are removed first)."""
     remove_stale_temps(directory)
     tmpdir = pathlib.Path(tempfile.mkdtemp(dir=directory, prefix=f"{TEMP_PREFIX}{os.getpid()}-"))
     try:
@@ -447,7 +486,7 @@ def save_model(model: ir.Model | onnx.ModelProto, path: str | os.PathLike, *, in
         raise ModelFileError(f"{path}: is the input model or one of its data files ({hit}); choose another output path")
     external = estimated_size(model) > EXTERNAL_DATA_THRESHOLD
     try:
-        with _temp_dir(path.parent) as tmpdir:
+        with temp_dir(path.parent) as tmpdir:
             tmp_model = tmpdir / path.name
             if external:
                 location = _data_name(path, protected)

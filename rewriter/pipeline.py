@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 from collections.abc import Iterable
 
 import onnx
@@ -52,6 +53,18 @@ def _keep_value_info(model: onnx.ModelProto, names: set[str]) -> None:
         graph.value_info.extend(kept)
 
 
+def _snapshot(model: ir.Model) -> ir.Model:
+    """A copy of ``model`` as it is: in-memory tensors copied, external ones still read from
+    their files (a copy of the graph alone when the weights are external)."""
+    from . import io
+
+    copy_ = ir.from_proto(ir.to_proto(model))
+    folders = io.external_folders(model)
+    if len(folders) == 1:
+        ir.external_data.set_base_dir(copy_.graph, next(iter(folders)))
+    return copy_
+
+
 def fuse(
     model: onnx.ModelProto | ir.Model,
     *,
@@ -62,6 +75,8 @@ def fuse(
     source: str = "",
     seed: int = 0,
     verify_inputs=None,
+    verify_original: str | os.PathLike | None = None,
+    verify_workdir: str | os.PathLike | None = None,
 ) -> tuple[onnx.ModelProto | ir.Model, FuseReport]:
     """Fuse every exported GroupNormalization in ``model`` into our op.
 
@@ -72,12 +87,22 @@ def fuse(
     ``ort`` extra. ``target`` picks the deployment form (:mod:`.targets`);
     ``absorb_activation`` folds a following SiLU into the op (default: only for targets
     that gain from it). ``verify_inputs`` (an ``inputs.InputSpec``) fixes verification
-    input shapes or arrays. :class:`GroupNormFusionPass` does the work.
+    input shapes or arrays. ``verify_original``: the file an ``onnx_ir.Model`` was loaded
+    from; the verification runs the original from it (its external data in place) instead of
+    a copy taken before the rewrite. ``verify_workdir``: where the verification may write a
+    model whose weights are in memory, in a temporary folder it removes (default: the
+    system's). :class:`GroupNormFusionPass` does the work.
     """
     fusion = GroupNormFusionPass(target=target, keep_standard=keep_standard, absorb_activation=absorb_activation, source=source)
     is_proto = isinstance(model, onnx.ModelProto)
-    # Verification compares with the input as it was: keep it (external tensors stay references).
-    original = model if is_proto else (ir.to_proto(model) if verify else None)
+    # Verification compares with the input as it was: its file, or a copy (external tensors
+    # stay references).
+    if is_proto:
+        original = model
+    elif verify:
+        original = verify_original if verify_original is not None else _snapshot(model)
+    else:
+        original = None
     ir_model = ir.from_proto(model) if is_proto else model
     modified = fusion(ir_model).modified
     report = fusion.report
@@ -94,9 +119,16 @@ def fuse(
     if target in targets_module.NOT_ON_CPU and modified:
         # onnxruntime's CPU provider has no kernel for this target's op: verify the same
         # fusion in its portable form and say so.
-        _, function_report = fuse(original, verify=True, keep_standard=keep_standard, absorb_activation=fusion.absorb_activation, seed=seed, verify_inputs=verify_inputs)
+        if isinstance(original, (str, os.PathLike)):
+            from . import io
+
+            again, again_path = io.load_model(original), original
+        else:
+            again, again_path = original, None
+        _, function_report = fuse(again, verify=True, keep_standard=keep_standard, absorb_activation=fusion.absorb_activation, seed=seed,
+                                  verify_inputs=verify_inputs, verify_original=again_path, verify_workdir=verify_workdir)
         report.verification = function_report.verification
         report.verification.detail = f"verified as target=function: {targets_module.NOT_ON_CPU[target]}"
     else:
-        report.verification = verify_module.verify(original, fused if is_proto else ir.to_proto(ir_model), seed=seed, spec=verify_inputs, source=source)
+        report.verification = verify_module.verify(original, fused, seed=seed, spec=verify_inputs, source=source, workdir=verify_workdir)
     return fused, report

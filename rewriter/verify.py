@@ -22,19 +22,27 @@ How it decides:
    export's float32 arithmetic is off (a fusion with a wrong epsilon or gamma fails here).
    Anything else: FAILED, naming the output or layer.
 
-Cost: two sessions (one at a time, default thread count), two small input sets; the float64
-work is one NumPy reference per layer per set, plus a subgraph evaluation only for the layers a
-"more accurate" verdict rests on. Models over 2 GB are never serialised as one proto: they are
-given to onnxruntime from a path with their external data.
+Cost: onnxruntime gets each model's graph alone, its weights memory-mapped from external
+data (a file's own data in place; weights held in memory written once to a temporary folder),
+so no serialised copy of the weights is held and nothing over 2 GB is serialised. onnxruntime
+keeps every fetched layer value alive to the end of a run, so the layers are fetched in
+batches of at most :data:`FETCH_BUDGET_BYTES`: the last layers' batch runs the whole model
+(its outputs, and the input sizes it accepts), each earlier batch only the nodes before its
+layers. Sessions run one at a time (default thread count, no memory arena, no prepacked
+weight copies); the float64 work is one NumPy reference per layer per set, plus a subgraph
+evaluation only for the layers a "more accurate" verdict rests on.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import logging
+import math
 import os
 import pathlib
+import sys
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 
@@ -45,13 +53,14 @@ import onnx_ir as ir
 from ..ops import contract
 from ..ops.reference import group_normalization
 from ..ops.tolerances import Tolerance
+from . import _shapes
 from . import inputs as inputs_module
 from ._graphs import is_ours
 from .errors import ModelFileError, UsageError, model_file_error, one_line
-from .io import EXTERNAL_DATA_THRESHOLD
+from . import io
 from .report import LayerCheck, OutputCheck, Verification
 
-__all__ = ["verify", "VERIFY_TOLERANCES", "CONFIG_TOLERANCE", "MORE_ACCURATE"]
+__all__ = ["verify", "VERIFY_TOLERANCES", "CONFIG_TOLERANCE", "MORE_ACCURATE", "FETCH_BUDGET_BYTES"]
 
 logger = logging.getLogger(__name__)
 
@@ -96,24 +105,31 @@ def _tolerance(dtype) -> Tolerance:
 
 class _Model:
     """A model to run: a ModelProto, an onnx_ir.Model or a path, with its onnx-ir view (for
-    reading the graph) and the means to open an onnxruntime session with extra outputs."""
+    reading the graph) and the means to open an onnxruntime session with extra outputs.
 
-    def __init__(self, model: onnx.ModelProto | ir.Model | str | os.PathLike, role: str, source: str) -> None:
+    onnxruntime always gets the graph alone, as bytes, with the weights in external data that
+    it memory-maps: a path's own data files in place (never copied) when its weights are
+    external, else one data file written once into a temporary folder (``.ogn-<pid>-*`` in
+    ``workdir``, removed by ``stack``). No serialised copy of the weights is ever held in
+    Python, and nothing over 2 GB is serialised.
+    """
+
+    def __init__(self, model: onnx.ModelProto | ir.Model | str | os.PathLike, role: str, source: str,
+                 stack: contextlib.ExitStack, workdir: str | os.PathLike | None = None) -> None:
         self.role = role
-        self.proto: onnx.ModelProto | None = None
-        self.folder: pathlib.Path | None = None
+        path = None
         if isinstance(model, (str, os.PathLike)):
             path = pathlib.Path(model)
             self.name = str(path)
-            self.folder = path.resolve().parent
-            try:  # the graph without its weights for the session, lazy weights for reading
-                self.proto = onnx.load(os.fspath(path), load_external_data=False)
-                _load_small_external_tensors(self.proto, self.folder)
-                self.ir = ir.load(os.fspath(path))
+            try:  # the graph, its external tensors lazy (memory-mapped when read)
+                proto = onnx.load(os.fspath(path), load_external_data=False)
+                self.ir = ir.from_proto(proto)
+                ir.external_data.set_base_dir(self.ir.graph, path.resolve().parent)
             except Exception as e:
                 raise (model_file_error(e, path) or ModelFileError(f"{path}: cannot load the {role} model: {e}")) from e
+            del proto
         elif isinstance(model, onnx.ModelProto):
-            self.proto, self.name = model, source or f"the {role} model"
+            self.name = source or f"the {role} model"
             try:
                 self.ir = ir.from_proto(model)
             except Exception as e:  # two nodes writing one value, a malformed tensor, ...
@@ -122,63 +138,89 @@ class _Model:
             self.ir, self.name = model, source or f"the {role} model"
         else:
             raise TypeError(f"verify takes an onnx.ModelProto, onnx_ir.Model or path, not {type(model).__name__}")
+        self.proto, self.folder = self._graph_for_onnxruntime(path, stack, workdir)
         self.values = {v.name: v for v in self.ir.graph.inputs}
         for node in self.ir.graph:
             self.values.update((v.name, v) for v in node.outputs if v.name)
         self.outputs = [v.name for v in self.ir.graph.outputs]
 
-    def _big(self) -> bool:
-        if self.folder is not None:
-            return False  # the proto holds no weights; onnxruntime reads them from the folder
-        if self.proto is not None:
-            return sum(t.ByteSize() for t in self.proto.graph.initializer) > EXTERNAL_DATA_THRESHOLD
-        return sum(v.const_value.nbytes for v in self.ir.graph.initializers.values() if v.const_value is not None) > EXTERNAL_DATA_THRESHOLD
+    def _graph_for_onnxruntime(self, path: pathlib.Path | None, stack: contextlib.ExitStack,
+                               workdir: str | os.PathLike | None) -> tuple[onnx.ModelProto, pathlib.Path | None]:
+        """The graph proto onnxruntime gets (weights external, small tensors inline) and the
+        folder its external data is read from."""
+        folders = io.external_folders(self.ir)
+        try:
+            if io.in_memory_bytes(self.ir) <= io.INLINE_WEIGHTS_BYTES and len(folders) <= 1:
+                folder = next(iter(folders), None)
+                proto = ir.to_proto(self.ir)
+                if folder is not None:
+                    _load_small_external_tensors(proto, folder)
+                return proto, folder
+            # Weights in memory (or in several folders): one data file, written once.
+            tmp = stack.enter_context(io.temp_dir(workdir if workdir is not None else tempfile.gettempdir()))
+            ir.save(self.ir, tmp / "model.onnx", external_data="model.onnx.data",
+                    size_threshold_bytes=io.INLINE_TENSOR_BYTES, alignment=io.MMAP_ALIGNMENT)
+            if path is not None:  # our own view: read it from the copy, lazily, and drop the file's weights
+                self.ir = ir.load(tmp / "model.onnx")
+            return onnx.load(os.fspath(tmp / "model.onnx"), load_external_data=False), tmp
+        except (ModelFileError, UsageError):
+            raise
+        except Exception as e:
+            raise _LoadError(f"{self.name}: cannot prepare the {self.role} model for onnxruntime: {one_line(e)}") from e
 
-    @contextlib.contextmanager
-    def _loadable(self, extra: Sequence[str]) -> Iterator[tuple[bytes | str, pathlib.Path | None]]:
-        """The model with ``extra`` as graph outputs, as bytes or a path, put back after."""
-        if self.proto is not None and not self._big():
+    def _graph_bytes(self, extra: Sequence[str], whole: bool) -> bytes:
+        """The graph with ``extra`` as graph outputs, serialised: the whole graph (its outputs
+        too), or only the nodes ``extra`` needs (a batch of layers early in the graph runs
+        the part of the model before them)."""
+        if whole:
             added = len(self.proto.graph.output)
-            self.proto.graph.output.extend(onnx.ValueInfoProto(name=n) for n in extra)
+            self.proto.graph.output.extend(onnx.ValueInfoProto(name=n) for n in extra if n not in self.outputs)
             try:
-                data = self.proto.SerializeToString()
+                return self.proto.SerializeToString()
             finally:
                 del self.proto.graph.output[added:]
-            yield data, self.folder
-            return
-        # onnx-ir: add the outputs to the graph, write a proto (external data when large).
-        graph = self.ir.graph
-        added = len(graph.outputs)
-        graph.outputs.extend(self.values[n] for n in extra)
-        try:
-            if not self._big():
-                yield ir.to_proto(self.ir).SerializeToString(), None
-                return
-            with tempfile.TemporaryDirectory(prefix="onnx-groupnorm-verify-") as tmp:
-                path = pathlib.Path(tmp) / "model.onnx"
-                ir.save(self.ir, path, external_data="model.onnx.data")
-                yield os.fspath(path), None
-        finally:
-            del graph.outputs[added:]
+        graph = self.proto.graph
+        nodes, needed = [], set(extra)
+        for node in reversed(graph.node):
+            if needed.intersection(node.output):
+                nodes.append(node)
+                needed.update(node.input)
+                needed.update(_subgraph_names(node))
+        pruned = onnx.ModelProto()
+        pruned.CopyFrom(self.proto)
+        del pruned.graph.node[:], pruned.graph.output[:]
+        pruned.graph.node.extend(reversed(nodes))
+        pruned.graph.output.extend(onnx.ValueInfoProto(name=n) for n in extra)
+        kept = [t for t in pruned.graph.initializer if t.name in needed]
+        del pruned.graph.initializer[:]
+        pruned.graph.initializer.extend(kept)
+        return pruned.SerializeToString()
 
-    @contextlib.contextmanager
-    def session(self, extra: Sequence[str]) -> Iterator[Callable[[dict], dict[str, np.ndarray]]]:
-        """A runner ``feeds -> {name: array}`` for the graph outputs and ``extra``."""
+    def open(self, model: bytes):
+        """An onnxruntime session of ``model`` (this model's graph or a part of it)."""
         ort = _onnxruntime()
         options = ort.SessionOptions()
         options.log_severity_level = 4  # sizes the model refuses are expected while growing
         # Default thread count; threads sleep when idle instead of spinning (verification
         # often shares the machine with the user's other work).
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        names = list(dict.fromkeys([*self.outputs, *extra]))
-        with self._loadable([n for n in names if n not in self.outputs]) as (model, folder):
-            if folder is not None:
-                options.add_session_config_entry("session.model_external_initializers_file_folder_path", os.fspath(folder))
-            try:
-                session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
-            except Exception as e:
-                raise _LoadError(f"{self.name}: onnxruntime cannot load the {self.role} model: {one_line(e)}") from e
-            del model  # the serialised model (as large as the weights) is not needed past this point
+        # Memory (benchmarks/fuse_memory.py --model): no arena holding freed activations, no
+        # prepacked second copy of the MatMul weights (the weights stay memory-mapped).
+        options.enable_cpu_mem_arena = False
+        options.add_session_config_entry("session.disable_prepacking", "1")
+        if self.folder is not None:
+            options.add_session_config_entry("session.model_external_initializers_file_folder_path", os.fspath(self.folder))
+        try:
+            return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+        except Exception as e:
+            raise _LoadError(f"{self.name}: onnxruntime cannot load the {self.role} model: {one_line(e)}") from e
+
+    @contextlib.contextmanager
+    def session(self, extra: Sequence[str], whole: bool = True) -> Iterator[Callable[[dict], dict[str, np.ndarray]]]:
+        """A runner ``feeds -> {name: array}`` for ``extra`` and, when ``whole``, the graph
+        outputs (else only the nodes ``extra`` needs run)."""
+        names = list(dict.fromkeys([*self.outputs, *extra] if whole else extra))
+        session = self.open(self._graph_bytes(names, whole))
         fetch = [n for n in names if n]
         held = [session]  # emptied on exit: the session (and its memory) goes even if the runner stays
         del session
@@ -186,15 +228,124 @@ class _Model:
             yield lambda feeds: dict(zip(fetch, held[0].run(fetch, feeds)))
         finally:
             held.clear()
+            _trim()
+
+
+def _trim() -> None:
+    """Give the heap's free pages back to the system: glibc keeps what a closed session (or a
+    run's freed values) held, and the next session would add to it (~200 MiB on a 190 MB
+    decoder). Elsewhere (no glibc) nothing to do."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None).malloc_trim(0)
+
+
+def _subgraph_names(node: onnx.NodeProto) -> set[str]:
+    """Every value name the subgraphs of ``node`` (If/Loop/Scan bodies) read."""
+    names: set[str] = set()
+    for attr in node.attribute:
+        for graph in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
+            for inner in graph.node:
+                names.update(inner.input)
+                names.update(_subgraph_names(inner))
+    return names
+
+
+class _Unsegmentable(Exception):
+    """A value crossing a cut is not a tensor onnxruntime can be fed: run the model whole."""
+
+
+class _Segments:
+    """``model`` cut after each batch's layers into consecutive parts of its node list, each
+    run in a session of its own: part k runs its nodes once, fed the model inputs and the
+    values earlier parts computed that it reads (kept in between), and returns its batch's
+    layer values and what later parts need. One run through the parts costs one run of the
+    model; onnxruntime holds the fetched values of one batch at a time, and one part's
+    session (opened for each run: the values fed across a cut are typed from that run)."""
+
+    def __init__(self, model: _Model, fetches: list[list[str]]) -> None:
+        self.model = model
+        graph = model.proto.graph
+        self.nodes = list(graph.node)
+        self.produced = {o: i for i, node in enumerate(self.nodes) for o in node.output if o}
+        reads = [{n for n in (*node.input, *_subgraph_names(node)) if n} for node in self.nodes]
+        self.reads = reads
+        last_use: dict[str, int] = {}
+        for i, names in enumerate(reads):
+            for n in names:
+                last_use[n] = i
+        outputs = set(model.outputs)
+        if any(n not in self.produced and n not in {v.name for v in graph.input} for n in outputs):
+            raise _Unsegmentable("a model output is an initializer")
+        self.parts = []  # (first node, last node, fetch here, names needed after)
+        start = 0
+        for k, fetch in enumerate(fetches):
+            end = len(self.nodes) - 1 if k == len(fetches) - 1 else max([start - 1, *(self.produced.get(n, -1) for n in fetch)])
+            later = set().union(*fetches[k + 1:]) | outputs
+            needed_after = {n for n, i in last_use.items() if i > end} | later
+            self.parts.append((start, end, list(fetch), needed_after))
+            start = end + 1
+
+    def _session(self, k: int, carried: dict[str, np.ndarray], outputs: list[str]):
+        start, end, _, _ = self.parts[k]
+        nodes = self.nodes[start:end + 1]
+        reads = set().union(*self.reads[start:end + 1])
+        part = onnx.ModelProto()
+        part.CopyFrom(self.model.proto)
+        graph = part.graph
+        del graph.node[:], graph.output[:]
+        graph.node.extend(nodes)
+        kept = [t for t in graph.initializer if t.name in reads]
+        del graph.initializer[:]
+        graph.initializer.extend(kept)
+        for name in sorted(n for n in reads if n in carried):
+            array = carried[name]
+            try:
+                elem = onnx.helper.np_dtype_to_tensor_dtype(array.dtype)
+            except Exception as e:
+                raise _Unsegmentable(f"{name}: {array.dtype}") from e
+            graph.input.append(onnx.helper.make_tensor_value_info(name, elem, [None] * array.ndim))
+        graph.output.extend(onnx.ValueInfoProto(name=n) for n in outputs)
+        try:
+            return self.model.open(part.SerializeToString())
+        except _LoadError as e:  # the whole model's session says whose fault it is
+            raise _Unsegmentable(one_line(e)) from e
+
+    def run(self, feeds: dict[str, np.ndarray], each: Callable[[int, dict], None]) -> dict[str, np.ndarray]:
+        """Run every part on ``feeds``; ``each(k, values)`` gets part k's batch values;
+        returns the model outputs."""
+        carried: dict[str, np.ndarray] = {}
+        for k, (start, end, fetch, needed_after) in enumerate(self.parts):
+            inside = {o for node in self.nodes[start:end + 1] for o in node.output if o}
+            outputs = list(dict.fromkeys([*(n for n in fetch if n in inside), *sorted(inside & needed_after)]))
+            results: dict[str, np.ndarray] = {}
+            if outputs:
+                # One session at a time, opened for this run: a held session keeps its
+                # activations' memory (onnxruntime caches the run's memory pattern).
+                session = self._session(k, carried, outputs)
+                reads = set().union(*self.reads[start:end + 1])
+                part_feeds = {**feeds, **{n: carried[n] for n in reads if n in carried}}
+                try:
+                    results = dict(zip(outputs, session.run(outputs, part_feeds)))
+                finally:
+                    del session
+                    _trim()
+            for n in outputs:
+                if not isinstance(results[n], np.ndarray):
+                    raise _Unsegmentable(f"{n} is not a tensor")
+            values = {n: results.get(n, carried.get(n, feeds.get(n))) for n in fetch}
+            each(k, {n: v for n, v in values.items() if v is not None})
+            carried.update((n, results[n]) for n in outputs if n in needed_after)
+            carried = {n: v for n, v in carried.items() if n in needed_after}
+            del results, values
+        return {n: carried.get(n, feeds.get(n)) for n in self.model.outputs}
+
 
 
 class _LoadError(Exception):
     pass
 
 
-#: External tensors up to this size are read into the proto: onnxruntime's shape inference at
-#: load time needs shape constants inline (it cannot read them from external data).
-_INLINE_EXTERNAL_BYTES = 64 * 1024
 
 
 def _load_small_external_tensors(proto: onnx.ModelProto, folder: pathlib.Path) -> None:
@@ -203,7 +354,7 @@ def _load_small_external_tensors(proto: onnx.ModelProto, folder: pathlib.Path) -
     for tensor in external_data_helper._get_all_tensors(proto):
         if external_data_helper.uses_external_data(tensor):
             info = external_data_helper.ExternalDataInfo(tensor)
-            if info.length is not None and info.length <= _INLINE_EXTERNAL_BYTES:
+            if info.length is not None and info.length <= io.INLINE_TENSOR_BYTES:
                 external_data_helper.load_external_data_for_tensor(tensor, os.fspath(folder))
                 tensor.data_location = onnx.TensorProto.DEFAULT
                 del tensor.external_data[:]
@@ -435,6 +586,8 @@ def _run_sets(plan: inputs_module.Plan, run: Callable[[dict], dict], source: str
         feeds = plan.feeds(sizes)
         try:
             results = run(feeds)
+        except _Unsegmentable:
+            raise
         except Exception as e:  # the model does not accept these sizes: grow
             logger.debug("original model rejected %s: %s", {k: v.shape for k, v in feeds.items()}, e)
             last = e
@@ -454,6 +607,8 @@ def _run_sets(plan: inputs_module.Plan, run: Callable[[dict], dict], source: str
         feeds = plan.feeds(sizes, index=1)
         try:
             results = run(feeds)
+        except _Unsegmentable:
+            raise
         except Exception as e:
             logger.debug("original model rejected the second size %s: %s", sizes, e)
         else:
@@ -474,50 +629,166 @@ def verify(
     seed: int = 0,
     spec: inputs_module.InputSpec | None = None,
     source: str = "",
+    workdir: str | os.PathLike | None = None,
 ) -> Verification:
     """Judge ``rewritten`` against ``original`` and the float64 reference (module docstring).
+
+    A path is read with its external data in place. A model whose weights are in memory is
+    written once, weights in external data, into a temporary folder in ``workdir`` (default:
+    the system's temporary folder), removed before returning.
 
     Raises UsageError when no inputs can be made (naming the input and the flag to use) or
     onnxruntime is missing, ModelFileError when onnxruntime refuses the original model.
     """
     _onnxruntime()
-    try:
-        before = _Model(original, "original", source)
-    except _LoadError as e:
-        raise ModelFileError(str(e)) from e
-    try:
-        after = _Model(rewritten, "fused", "")
-    except _LoadError as e:  # the fused model is ours: a bug, not bad input
-        raise RuntimeError(str(e)) from e
-    plan = inputs_module.Plan(before.ir, spec, seed=seed)
-    layers = _layers(after.ir)
-    for layer in layers:
-        layer.in_original = all(n is None or n in layer.constants or n in before.values for n in (layer.x, layer.y, *layer.params))
-    tally = _Tally(layers, before.outputs)
-    before_extra = [n for layer in layers if layer.in_original for n in layer.fetched]
-    after_extra = [n for layer in layers for n in layer.fetched]
+    with contextlib.ExitStack() as stack:
+        try:
+            before = _Model(original, "original", source, stack, workdir)
+        except _LoadError as e:
+            raise ModelFileError(str(e)) from e
+        try:
+            after = _Model(rewritten, "fused", "", stack, workdir)
+        except _LoadError as e:  # the fused model is ours: a bug, not bad input
+            raise RuntimeError(str(e)) from e
+        return _verify(before, after, inputs_module.Plan(before.ir, spec, seed=seed))
 
-    try:
-        with before.session(before_extra) as run:
-            sets = _run_sets(plan, run, before.name, lambda index, results: tally.add("original", index, results))
-    except _LoadError as e:  # the same one-line classification as the CLI's loading
-        raise (model_file_error(e.__cause__, before.name) or ModelFileError(str(e))) from e
-    shapes = [{k: list(v.shape) for k, v in feeds.items()} for feeds, _ in sets]
-    failed = lambda detail: Verification(  # noqa: E731
+
+def _fetched(batch: list[_Layer], side: str) -> list[str]:
+    return [n for layer in batch if side == "fused" or layer.in_original for n in layer.fetched]
+
+
+def _failed(shapes: list[dict], detail: str) -> Verification:
+    return Verification(
         passed=False, max_abs_error=float("nan"), worst_ratio=float("inf"), rtol=_DEFAULT.rtol, atol=_DEFAULT.atol,
         inputs=shapes[0], detail=detail, verdict="FAILED", input_sets=shapes,
     )
-    try:
-        with after.session(after_extra) as run:
-            fused = []
-            for i, (feeds, _) in enumerate(sets):
-                try:
-                    fused.append(tally.add("fused", i, run(feeds)))
-                except Exception as e:
-                    return failed(f"the fused model failed on input set {i + 1} that the original ran on: {one_line(e)}")
-    except _LoadError as e:
-        return failed(str(e))
+
+
+def _verify(before: _Model, after: _Model, plan: inputs_module.Plan) -> Verification:
+    layers = _layers(after.ir)
+    for layer in layers:
+        layer.in_original = all(n is None or n in layer.constants or n in before.values for n in (layer.x, layer.y, *layer.params))
+    batches = _batches(layers, after.ir, plan)
+    logger.debug("verification: %d layer(s) fetched in %d batch(es)", len(layers), len(batches))
+    if len(batches) > 1:
+        try:
+            return _verify_in_parts(before, after, plan, layers, batches)
+        except _Unsegmentable as e:
+            logger.debug("verification: the models cannot be cut (%s); one run per batch", e)
+    return _verify_in_batches(before, after, plan, layers, batches[::-1])
+
+
+def _verify_in_parts(before: _Model, after: _Model, plan: inputs_module.Plan, layers: list[_Layer], batches: list[list[_Layer]]) -> Verification:
+    """Each model cut after each batch's layers (:class:`_Segments`): one run of each model
+    per input set, one batch of layer values held at a time."""
+    tally = _Tally(layers, before.outputs)
+
+    def runner(parts: _Segments, side: str) -> Callable[[dict], dict]:
+        def run(feeds: dict) -> dict:
+            measured: list = []
+            outputs = parts.run(feeds, lambda k, values: measured.extend(tally.measure(side, values, batches[k])))
+            tally.commit(side, measured)
+            return {n: np.array(v, copy=True) for n, v in outputs.items()}
+        return run
+
+    parts = _Segments(before, [_fetched(b, "original") for b in batches])
+    sets = _run_sets(plan, runner(parts, "original"), before.name, lambda index, outputs: outputs)
+    shapes = [{k: list(v.shape) for k, v in feeds.items()} for feeds, _ in sets]
+    parts = _Segments(after, [_fetched(b, "fused") for b in batches])
+    run, fused = runner(parts, "fused"), []
+    for i, (feeds, _) in enumerate(sets):
+        try:
+            fused.append(run(feeds))
+        except _Unsegmentable:
+            raise
+        except Exception as e:
+            return _failed(shapes, f"the fused model failed on input set {i + 1} that the original ran on: {one_line(e)}")
     return _judge(before, tally, [expected for _, expected in sets], fused, shapes)
+
+
+def _verify_in_batches(before: _Model, after: _Model, plan: inputs_module.Plan, layers: list[_Layer], batches: list[list[_Layer]]) -> Verification:
+    """One session and run per batch and input set: the first batch's runs the whole model
+    (its outputs, and the sizes it accepts), each later one only the nodes its layers need."""
+    tally = _Tally(layers, before.outputs)
+    fetched = _fetched
+    try:
+        with before.session(fetched(batches[0], "original")) as run:
+            sets = _run_sets(plan, run, before.name, lambda index, results: tally.add("original", index, results, batches[0]))
+        for batch in batches[1:]:
+            if not fetched(batch, "original"):
+                continue
+            with before.session(fetched(batch, "original"), whole=False) as run:
+                for i, (feeds, _) in enumerate(sets):
+                    tally.add("original", i, run(feeds), batch)
+                    _trim()
+    except _LoadError as e:  # the same one-line classification as the CLI's loading
+        raise (model_file_error(e.__cause__, before.name) or ModelFileError(str(e))) from e
+    shapes = [{k: list(v.shape) for k, v in feeds.items()} for feeds, _ in sets]
+    failed = lambda detail: _failed(shapes, detail)  # noqa: E731
+    fused: list[dict] = []
+    for b, batch in enumerate(batches):
+        try:
+            with after.session(fetched(batch, "fused"), whole=b == 0) as run:
+                for i, (feeds, _) in enumerate(sets):
+                    try:
+                        outputs = tally.add("fused", i, run(feeds), batch)
+                    except Exception as e:
+                        return failed(f"the fused model failed on input set {i + 1} that the original ran on: {one_line(e)}")
+                    if b == 0:
+                        fused.append(outputs)
+        except _LoadError as e:
+            return failed(str(e))
+    return _judge(before, tally, [expected for _, expected in sets], fused, shapes)
+
+
+#: Bytes of layer inputs and outputs fetched at once: onnxruntime keeps every graph output of
+#: a run alive to its end (30 layers of a 256x256 VAE decoder: ~880 MiB). Above it the layers
+#: are fetched in batches, each model cut into one part per batch (:class:`_Segments`; the
+#: cost: a session per part). 128 MiB, one or two of that decoder's largest layers: its
+#: peak RSS 761 MiB at 21 s, against 909 MiB at 22 s with 256 MiB (benchmarks/fuse_memory.py).
+FETCH_BUDGET_BYTES = 128 * 2**20
+
+
+def _batches(layers: list[_Layer], model: ir.Model, plan: inputs_module.Plan) -> list[list[_Layer]]:
+    """Consecutive layers in batches whose fetched values fit :data:`FETCH_BUDGET_BYTES` at the
+    first input size tried (a layer's X and Y: twice X's size, its dims traced from the model
+    inputs, dynamic ones at the size the plan gives their name). A layer of unknown size
+    counts as the largest known one; with no size known, one batch (as before)."""
+    if not layers:
+        return [[]]
+    symbols = next(iter(plan.growth()), {})
+    values = {v.name: v for v in model.graph.inputs}
+    values.update((v.name, v) for node in model.graph for v in node.outputs if v.name)
+    sizes = [_layer_bytes(values.get(layer.x), values.get(layer.y), symbols) for layer in layers]
+    known = [b for b in sizes if b is not None]
+    if not known:
+        return [layers]
+    batches, total = [[]], 0
+    for layer, size in zip(layers, sizes):
+        cost = max(known) if size is None else size
+        if batches[-1] and total + cost > FETCH_BUDGET_BYTES:
+            batches.append([])
+            total = 0
+        batches[-1].append(layer)
+        total += cost
+    return batches
+
+
+def _layer_bytes(x: ir.Value | None, y: ir.Value | None, symbols: dict[str, int]) -> int | None:
+    """Bytes of a layer's X and Y (same shape), or None when X's dims are not known."""
+    if x is None:
+        return None
+    dims = _shapes.dims_of(x)
+    if dims is None:
+        return None
+    count = 1
+    for d in dims:
+        n = _shapes.evaluate(d, symbols)
+        if n is None or n < 0:
+            return None
+        count *= n
+    dtype = next((v.dtype for v in (y, x) if v is not None and v.dtype is not None), ir.DataType.FLOAT)
+    return math.ceil(2 * count * dtype.itemsize)
 
 
 class _Tally:
@@ -531,9 +802,19 @@ class _Tally:
         self.checks = [LayerCheck(node=layer.node, input=layer.x, output=layer.y, fused_error=0.0, fused_ratio=0.0) for layer in layers]
         self.suspect_inputs: dict[str, tuple[np.ndarray, dict]] = {}  # layer node -> (original X, params)
 
-    def add(self, side: str, index: int, results: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def add(self, side: str, index: int, results: dict[str, np.ndarray], batch: Sequence[_Layer]) -> dict[str, np.ndarray]:
+        """Tally the layers of ``batch`` (``results`` holds their values); returns the model outputs."""
+        self.commit(side, self.measure(side, results, batch))
+        # Copies: onnxruntime's arrays may keep the session's whole memory arena alive.
+        return {name: np.array(results[name], copy=True) for name in self.outputs if name in results}
+
+    def measure(self, side: str, results: dict[str, np.ndarray], batch: Sequence[_Layer]) -> list[tuple]:
+        """The errors of the layers of ``batch`` in ``results``, to :meth:`commit` once the run
+        they come from has finished (a run that fails part way tallies nothing)."""
+        judged = {id(layer) for layer in batch}
+        measured = []
         for layer, check in zip(self.layers, self.checks):
-            if side == "original" and not layer.in_original:
+            if id(layer) not in judged or (side == "original" and not layer.in_original):
                 continue
             x, y = results[layer.x], results[layer.y]
             try:
@@ -542,13 +823,19 @@ class _Tally:
                 logger.debug("layer %s: no %s reference: %s", layer.node, side, e)
                 continue
             ratio = d.ratio if d.same_positions else float("inf")
+            suspect = None
+            if side == "original" and ratio > 1 and layer.node not in self.suspect_inputs:
+                suspect = (x.copy(), {n: results[n].copy() for n in layer.params if n in results})
+            measured.append((layer, check, d, ratio, suspect))
+        return measured
+
+    def commit(self, side: str, measured: list[tuple]) -> None:
+        for layer, check, d, ratio, suspect in measured:
             error, worst = getattr(check, f"{side}_error") or 0.0, getattr(check, f"{side}_ratio") or 0.0
             setattr(check, f"{side}_error", max(error, d.max_abs))
             setattr(check, f"{side}_ratio", max(worst, ratio))
-            if side == "original" and ratio > 1 and layer.node not in self.suspect_inputs:
-                self.suspect_inputs[layer.node] = (x.copy(), {n: results[n].copy() for n in layer.params if n in results})
-        # Copies: onnxruntime's arrays may keep the session's whole memory arena alive.
-        return {name: np.array(results[name], copy=True) for name in self.outputs}
+            if suspect is not None and layer.node not in self.suspect_inputs:
+                self.suspect_inputs[layer.node] = suspect
 
 
 def _judge(before: _Model, tally: _Tally, expected_sets: list[dict], fused: list[dict], shapes: list[dict]) -> Verification:

@@ -252,20 +252,76 @@ def test_over_the_threshold_the_output_gets_external_data(external_export, tmp_p
     assert _digest([external_export, external_export.parent / "weights.bin"]) == before
 
 
-def test_verify_over_the_threshold_is_refused_before_the_work(external_export, tmp_path, capsys, monkeypatch):
+def _one_file_per_tensor(folder: pathlib.Path) -> pathlib.Path:
+    """The export in the layout the TorchScript exporter writes above 2 GB: one file per tensor."""
+    folder.mkdir()
+    path = folder / "model.onnx"
+    onnx.save(onnx.load(MODELS / _entry()["file"]), path, save_as_external_data=True, all_tensors_to_one_file=False, size_threshold=1024)
+    return path
+
+
+@pytest.mark.parametrize("layout", ["one data file", "one file per tensor"])
+def test_verify_over_the_threshold_runs_the_weights_in_place(layout, external_export, tmp_path, capsys, monkeypatch):
+    """--verify above the (lowered) threshold: onnxruntime reads both models' weights from the
+    input's own data files (never copied, never written), the output gets external data, and
+    no temporary file is left beside the output or the input."""
     monkeypatch.setattr(io, "EXTERNAL_DATA_THRESHOLD", LOW_THRESHOLD)
-    monkeypatch.setattr("onnx_groupnorm.rewriter.fuse", _no_work)
-    code, _, err = _run(["fuse", external_export, "-o", tmp_path / "o.onnx", "--verify"], capsys)
-    _assert_refused(code, err, external_export, "--verify is unsupported for a model over 2 GB")
+    path = external_export if layout == "one data file" else _one_file_per_tensor(tmp_path / "ts")
+    files = sorted(path.parent.iterdir())
+    assert len(files) >= 2
+    before = _digest(files)
+    folders, real_session = [], ort.InferenceSession
+
+    def session(model, options=None, *args, **kwargs):
+        if options is not None:
+            folders.append(options.get_session_config_entry("session.model_external_initializers_file_folder_path"))
+        return real_session(model, options, *args, **kwargs)
+
+    monkeypatch.setattr(ort, "InferenceSession", session)
+    out = tmp_path / "out" / "fused.onnx"
+    out.parent.mkdir()
+    code, text, err = _run(["fuse", path, "-o", out, "--verify"], capsys)
+    monkeypatch.setattr(ort, "InferenceSession", real_session)
+    assert code == cli.EXIT_OK, err
+    assert "verification passed" in text, text
+    assert len(folders) >= 2 and set(folders) == {str(path.parent.resolve())}  # original and fused, in place
+    assert sorted(p.name for p in out.parent.iterdir()) == ["fused.onnx", "fused.onnx.data"]
+    _assert_matches_export(out, _entry())
+    assert sorted(path.parent.iterdir()) == files and _digest(files) == before
+    assert not _temps(out.parent, path.parent)
+
+
+def test_verify_of_inline_weights_runs_them_from_a_temporary_folder(export, tmp_path, capsys, monkeypatch):
+    """Weights held in memory (an inline export, the limits lowered) are written once to a
+    temporary folder beside the output; onnxruntime reads both models' weights from it; it
+    is gone afterwards."""
+    monkeypatch.setattr(io, "INLINE_WEIGHTS_BYTES", LOW_THRESHOLD)
+    monkeypatch.setattr(io, "INLINE_TENSOR_BYTES", 1024)  # the Conv kernels (36 KiB) move
+    out = tmp_path / "out" / "fused.onnx"
+    out.parent.mkdir()
+    folders, real_session = [], ort.InferenceSession
+
+    def session(model, options=None, *args, **kwargs):
+        folder = options.get_session_config_entry("session.model_external_initializers_file_folder_path")
+        folders.append((pathlib.Path(folder).parent, pathlib.Path(folder).name))
+        return real_session(model, options, *args, **kwargs)
+
+    monkeypatch.setattr(ort, "InferenceSession", session)
+    before = _digest([export])
+    code, text, err = _run(["fuse", export, "-o", out, "--verify"], capsys)
+    monkeypatch.setattr(ort, "InferenceSession", real_session)
+    assert code == cli.EXIT_OK, err
+    assert "verification passed" in text, text
+    assert len(folders) >= 2 and len(set(folders)) == 1, folders  # one copy of the weights for both models
+    assert folders[0][0] == out.parent.resolve() and folders[0][1].startswith(io.TEMP_PREFIX), folders
+    assert sorted(p.name for p in out.parent.iterdir()) == ["fused.onnx"]
+    assert _digest([export]) == before
 
 
 def test_one_file_per_tensor_layout_is_read(tmp_path, capsys):
     """The layout the TorchScript exporter writes above 2 GB: one file per tensor."""
-    folder = tmp_path / "ts"
-    folder.mkdir()
-    path = folder / "model.onnx"
-    onnx.save(onnx.load(MODELS / _entry()["file"]), path, save_as_external_data=True, all_tensors_to_one_file=False, size_threshold=1024)
-    files = sorted(folder.iterdir())
+    path = _one_file_per_tensor(tmp_path / "ts")
+    files = sorted(path.parent.iterdir())
     assert len(files) > 3  # the model and several tensor files
     before = _digest(files)
     out = tmp_path / "fused.onnx"
@@ -453,9 +509,11 @@ def test_stale_temp_folders_of_dead_processes_are_removed(export, tmp_path, caps
 
 
 @pytest.mark.slow
-def test_a_real_file_over_2_gb(tmp_path, capsys):
+@pytest.mark.parametrize("verify", [False, True], ids=["fuse", "verify"])
+def test_a_real_file_over_2_gb(verify, tmp_path, capsys):
     """Above the real threshold: a 2.1 GB initializer in a sparse external data file (no
-    disk used for the input), fused and written with its own data file beside the output."""
+    disk used for the input), fused (and verified: onnxruntime reads the input's data file in
+    place) and written with its own data file beside the output."""
     from helpers import keras_dynamo_group_norm, single_model
 
     shape = (2, 6, 6, 16)
@@ -477,9 +535,10 @@ def test_a_real_file_over_2_gb(tmp_path, capsys):
     (folder / "model.onnx").write_bytes(model.SerializeToString())
     before = _digest([folder / "model.onnx"])
     out = tmp_path / "fused.onnx"
-    code, text, err = _run(["fuse", folder / "model.onnx", "-o", out], capsys)
+    code, text, err = _run(["fuse", folder / "model.onnx", "-o", out] + (["--verify"] if verify else []), capsys)
     assert code == cli.EXIT_OK, err
     assert "fused 1 GroupNormalization layer" in text
+    assert ("verification passed" in text) == verify, text
     fused = onnx.load(out, load_external_data=False)
     (written,) = [t for t in fused.graph.initializer if t.name == "big"]
     assert {e.key: e.value for e in written.external_data}["location"] == "fused.onnx.data"

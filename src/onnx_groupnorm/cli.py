@@ -94,47 +94,46 @@ def _node_count(model) -> int:
     return sum(len(graph) for graph in model.graphs())
 
 
-def _weights_in_memory(model):
-    """Verification runs the input as a proto in onnxruntime, which must then hold the
-    weights: below the 2 GB threshold (above it --verify is refused) external tensors are
-    read into memory first. Without --verify they stay memory-mapped end to end."""
-    import onnx_ir as ir
-
-    from .rewriter import io
-
-    if io.estimated_size(model) <= io.EXTERNAL_DATA_THRESHOLD:
-        ir.external_data.load_to_model(model)
-    return model
-
-
 def _say(args, text: str) -> None:
     if not args.quiet:
         print(text)
 
 
 def _fuse(args) -> int:
-    from .rewriter import fuse, io
-    from .rewriter.inputs import InputSpec
-    from .rewriter.errors import UsageError
+    from .rewriter import io
 
     io.check_paths(args.input, args.output, args.report)
     if args.verify:
         _check_verifiable(args.target)
+    with contextlib.ExitStack() as stack:
+        return _fuse_and_save(args, stack)
+
+
+def _fuse_and_save(args, stack: contextlib.ExitStack) -> int:
+    from .rewriter import fuse, io
+    from .rewriter.inputs import InputSpec
+
     verify_inputs = InputSpec.from_cli(args.input_shape, args.inputs)
     model = io.load_model(args.input)
     io.check_spares_input(args.input, args.output, args.report)
-    if args.verify and io.estimated_size(model) > io.EXTERNAL_DATA_THRESHOLD:
-        # Interim, until verification loads both models in onnxruntime by path (issue #9).
-        raise UsageError(
-            f"{args.input}: --verify is unsupported for a model over 2 GB (the verifier passes onnxruntime the "
-            "model in memory); fuse without --verify and compare the two files in onnxruntime"
-        )
+    original, work = args.input, None
+    if args.verify:
+        # onnxruntime runs the original from its file, external data in place, and the fused
+        # model from its graph alone with the same data. Weights held in memory go once to a
+        # temporary folder beside the output (freed from memory, memory-mapped from there
+        # by us and by onnxruntime) until the output is written.
+        work = stack.enter_context(io.temp_dir(args.output.parent))
+        if io.in_memory_bytes(model) > io.INLINE_WEIGHTS_BYTES:
+            io.offload_weights(model, work)
+            original = None  # a copy of the graph alone, taken before the fusion
     if args.target == "onnx":
         logger.warning(_ONNX_TARGET_WARNING)
     nodes_before = _node_count(model)
     fused, report = fuse(
-        _weights_in_memory(model) if args.verify else model,
+        model,
         verify=args.verify,
+        verify_original=original if args.verify else None,
+        verify_workdir=work,
         keep_standard=args.keep_standard,
         target=args.target,
         absorb_activation=args.absorb_activation,

@@ -13,6 +13,7 @@ import hashlib
 import os
 import pathlib
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -480,7 +481,10 @@ sys.exit(cli.main(sys.argv[2:]))
 def test_signal_during_the_write_leaves_nothing_behind(name, expected, export, tmp_path):
     out = tmp_path / "o.onnx"
     before = _digest([export])
-    done = subprocess.run([sys.executable, "-c", _SIGNAL_AFTER_WRITE, name, "fuse", str(export), "-o", str(out)], capture_output=True, text=True, timeout=120)
+    # SIGINT's default disposition in the child, as from a terminal: a shell without job control
+    # starts background jobs with SIGINT ignored, and Python then keeps ignoring it.
+    done = subprocess.run([sys.executable, "-c", _SIGNAL_AFTER_WRITE, name, "fuse", str(export), "-o", str(out)], capture_output=True, text=True, timeout=120,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert done.returncode == expected, done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and str(export) in lines[0] and "Traceback" not in done.stderr, done.stderr

@@ -54,6 +54,7 @@ class OutputCheck:
     worst_ratio: float
     nonfinite: int  # values that are NaN/Inf in the original (compared as positions)
     passed: bool
+    noise_floor: float | None = None  # max |original - original without graph optimisations|; None: not measured
 
 
 @dataclasses.dataclass
@@ -65,7 +66,7 @@ class Verification:
     atol: float
     inputs: dict  # input name -> shape used (the first input set)
     detail: str = ""  # why it failed
-    verdict: str = ""  # "passed", "passed: more accurate than the export" or "FAILED"
+    verdict: str = ""  # "passed", "passed: more accurate than the export", "passed: within the export's own float32 noise" or "FAILED"
     layers: list[LayerCheck] = dataclasses.field(default_factory=list)
     outputs: list[OutputCheck] = dataclasses.field(default_factory=list)
     notes: list[str] = dataclasses.field(default_factory=list)

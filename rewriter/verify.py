@@ -14,13 +14,20 @@ How it decides:
 2. *Outputs.* (b) holds when every model output of the fused model agrees with the original's
    within :data:`VERIFY_TOLERANCES`. Positions where the original is not finite (NaN, +/-Inf)
    are compared as positions: the same positions pass with a note, others fail.
+   A layer a target moved channels first (``NAME_nchw``) is found in the original as ``NAME``,
+   channels last, and compared in the fused layout.
 3. *Verdict.* (a) and (b): passed. (a) but not (b), where some original layers are out of the
    tolerance of their reference and further from it than the fused ones: "passed: more accurate
    than the export" -- but only after each of those original subgraphs, evaluated in float64
-   (onnx's ReferenceEvaluator on a float64 copy of just that subgraph), agrees with the
-   reference: that proves the fused node's configuration is the export's and only the
-   export's float32 arithmetic is off (a fusion with a wrong epsilon or gamma fails here).
-   Anything else: FAILED, naming the output or layer.
+   (onnx's ReferenceEvaluator on a float64 copy of just that subgraph, fed the shapes it reads
+   from outside it as the run computed them), agrees with the reference: that proves the fused
+   node's configuration is the export's and only the export's float32 arithmetic is off (a
+   fusion with a wrong epsilon or gamma fails here). (a) but not (b) with no such layer: the
+   original is run once more with onnxruntime's graph optimisations off (another float32
+   summation order of the same model); "passed: within the export's own float32 noise" when
+   every output out of tolerance differs from the original by at most :data:`NOISE_FACTOR`
+   times the original's difference from itself. Anything else: FAILED, naming the output or
+   layer.
 
 Cost: onnxruntime gets each model's graph alone, its weights memory-mapped from external
 data (a file's own data in place; weights held in memory written once to a temporary folder),
@@ -30,7 +37,8 @@ batches of at most :data:`FETCH_BUDGET_BYTES`: the last layers' batch runs the w
 (its outputs, and the input sizes it accepts), each earlier batch only the nodes before its
 layers. Sessions run one at a time (default thread count, no memory arena, no prepacked
 weight copies); the float64 work is one NumPy reference per layer per set, plus a subgraph
-evaluation only for the layers a "more accurate" verdict rests on.
+evaluation only for the layers a "more accurate" verdict rests on; the noise run only on its
+path, fetching the outputs alone (less than the layer runs before it).
 """
 
 from __future__ import annotations
@@ -60,7 +68,7 @@ from .errors import ModelFileError, UsageError, model_file_error, one_line
 from . import io
 from .report import LayerCheck, OutputCheck, Verification
 
-__all__ = ["verify", "VERIFY_TOLERANCES", "CONFIG_TOLERANCE", "MORE_ACCURATE", "FETCH_BUDGET_BYTES"]
+__all__ = ["verify", "VERIFY_TOLERANCES", "CONFIG_TOLERANCE", "MORE_ACCURATE", "WITHIN_NOISE", "NOISE_FACTOR", "FETCH_BUDGET_BYTES"]
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +90,17 @@ _DEFAULT = Tolerance(rtol=1e-4, atol=1e-4)
 #: fusion could get wrong (an epsilon off by 1e-6 of the variance or more) stands out.
 CONFIG_TOLERANCE = Tolerance(rtol=1e-7, atol=1e-7)
 MORE_ACCURATE = "passed: more accurate than the export"
+WITHIN_NOISE = "passed: within the export's own float32 noise"
+#: How far the fused model's outputs may drift from the original's, in multiples of the
+#: export's own float32 noise floor (:func:`_noise_floor`: the original against itself with
+#: onnxruntime's graph optimisations off), when every layer passed (a) and none of the
+#: original's is suspect. The floor is the distance between two float32 evaluations of the
+#: export; a fused model no worse an evaluation than the original is within the floor of the
+#: true values where the original is, so within twice it of the original (triangle
+#: inequality). Measured (benchmarks/verify_noise.py --noise-only): torch exports drift
+#: 0.9-1.44x their floor, the deep model of tests/test_verify.py 1.0x; a beta moved by 0.6 of
+#: the tolerance in every layer ~6x, a wrong epsilon or gamma 50-400x.
+NOISE_FACTOR = 2.0
 _ORT_MISSING = "--verify needs onnxruntime: pip install onnx-groupnorm[ort]"
 #: Largest original subgraph evaluated in float64 (the exporters write 10-40 nodes per layer).
 _MAX_SUBGRAPH_NODES = 400
@@ -196,10 +215,13 @@ class _Model:
         pruned.graph.initializer.extend(kept)
         return pruned.SerializeToString()
 
-    def open(self, model: bytes):
-        """An onnxruntime session of ``model`` (this model's graph or a part of it)."""
+    def open(self, model: bytes, optimized: bool = True):
+        """An onnxruntime session of ``model`` (this model's graph or a part of it); with
+        ``optimized`` False, graph optimisations off (the noise run, :func:`_noise_floor`)."""
         ort = _onnxruntime()
         options = ort.SessionOptions()
+        if not optimized:
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         options.log_severity_level = 4  # sizes the model refuses are expected while growing
         # Default thread count; threads sleep when idle instead of spinning (verification
         # often shares the machine with the user's other work).
@@ -216,11 +238,11 @@ class _Model:
             raise _LoadError(f"{self.name}: onnxruntime cannot load the {self.role} model: {one_line(e)}") from e
 
     @contextlib.contextmanager
-    def session(self, extra: Sequence[str], whole: bool = True) -> Iterator[Callable[[dict], dict[str, np.ndarray]]]:
+    def session(self, extra: Sequence[str], whole: bool = True, optimized: bool = True) -> Iterator[Callable[[dict], dict[str, np.ndarray]]]:
         """A runner ``feeds -> {name: array}`` for ``extra`` and, when ``whole``, the graph
         outputs (else only the nodes ``extra`` needs run)."""
         names = list(dict.fromkeys([*self.outputs, *extra] if whole else extra))
-        session = self.open(self._graph_bytes(names, whole))
+        session = self.open(self._graph_bytes(names, whole), optimized)
         fetch = [n for n in names if n]
         held = [session]  # emptied on exit: the session (and its memory) goes even if the runner stays
         del session
@@ -377,11 +399,27 @@ class _Layer:
     params: list[str | None]  # gamma, beta value names (None: absent)
     constants: dict[str, np.ndarray]  # the params that are constants, by name
     in_original: bool = False
+    #: The original's name of Y: ``y``, or the channels-last value a target moved channels
+    #: first (:data:`_CHANNELS_FIRST_SUFFIX`); then ``channels_last`` is set.
+    original_y: str = ""
+    channels_last: bool = False
+    #: Shapes the original subgraph reads from outside it (``Shape`` of another value):
+    #: fetched with the layer so that its float64 evaluation can be fed them.
+    shapes: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def fetched(self) -> list[str]:
         """The values a session must return for this layer."""
         return [n for n in (self.x, self.y, *self.params) if n and n not in self.constants]
+
+    @property
+    def original_fetched(self) -> list[str]:
+        """The values the original's session must return for this layer."""
+        return [n for n in (self.x, self.original_y, *self.params, *self.shapes) if n and n not in self.constants]
+
+    def original_output(self, y: np.ndarray) -> np.ndarray:
+        """The original's Y in the fused layer's layout (channels moved first where needed)."""
+        return np.moveaxis(y, -1, 1) if self.channels_last and y.ndim > 2 else y
 
     def reference(self, x: np.ndarray, values: dict[str, np.ndarray]) -> np.ndarray:
         gamma, beta = (None if n is None else np.asarray(self.constants.get(n, values.get(n)), np.float64) for n in self.params)
@@ -506,14 +544,39 @@ def _positions(a: np.ndarray) -> str:
 # -- the float64 evaluation of one original subgraph -------------------------------------------
 
 
-def _subgraph64(model: ir.Model, x: str, y: str) -> onnx.ModelProto | None:
+_SHAPE_OPS = ("Shape", "Size")
+
+
+def _outside_shapes(model: ir.Model, x: str, y: str) -> list[str]:
+    """The outputs of ``Shape``/``Size`` nodes of values other than ``x`` that the original's
+    nodes from ``x`` to ``y`` read (tf2onnx reshapes back to the batch size of the Conv
+    before the layer's Transpose): small integer tensors to fetch and feed."""
+    producers = {out.name: node for node in model.graph for out in node.outputs}
+    found, stack, seen = [], [y], set()
+    while stack and len(seen) <= _MAX_SUBGRAPH_NODES * 4:
+        name = stack.pop()
+        if name in seen or name == x or not name or name in model.graph.initializers:
+            continue
+        seen.add(name)
+        node = producers.get(name)
+        if node is None:
+            continue
+        if node.op_type in _SHAPE_OPS and node.domain in ("", "ai.onnx") and node.inputs[0] is not None and node.inputs[0].name != x:
+            found.append(name)
+            continue
+        stack.extend(v.name for v in node.inputs if v is not None)
+    return found
+
+
+def _subgraph64(model: ir.Model, x: str, y: str, fed: dict[str, np.ndarray] | None = None) -> onnx.ModelProto | None:
     """The original's nodes from ``x`` to ``y`` as a float64 model, or None when they depend on
-    anything but ``x`` and constants (or hold subgraphs)."""
+    anything but ``x``, the values ``fed`` (shapes, as they are) and constants (or hold subgraphs)."""
+    fed = fed or {}
     producers = {out.name: node for node in model.graph for out in node.outputs}
     nodes, inits, stack, seen = [], {}, [y], set()
     while stack:
         name = stack.pop()
-        if name in seen or name == x or not name:
+        if name in seen or name == x or name in fed or not name:
             continue
         seen.add(name)
         if name in model.graph.initializers:
@@ -535,8 +598,9 @@ def _subgraph64(model: ir.Model, x: str, y: str) -> onnx.ModelProto | None:
         tensors.append(onnx.numpy_helper.from_array(array.astype(np.float64) if array.dtype.kind == "f" else array, name))
     for node in protos:
         _to_float64(node)
-    graph = onnx.helper.make_graph(protos, "subgraph64", [onnx.helper.make_tensor_value_info(x, onnx.TensorProto.DOUBLE, None)],
-                                   [onnx.ValueInfoProto(name=y)], tensors)
+    inputs = [onnx.helper.make_tensor_value_info(x, onnx.TensorProto.DOUBLE, None)]
+    inputs += [onnx.helper.make_tensor_value_info(n, onnx.helper.np_dtype_to_tensor_dtype(a.dtype), None) for n, a in fed.items()]
+    graph = onnx.helper.make_graph(protos, "subgraph64", inputs, [onnx.ValueInfoProto(name=y)], tensors)
     opsets = [onnx.helper.make_opsetid(d, v) for d, v in model.opset_imports.items()]
     result = onnx.helper.make_model(graph, opset_imports=opsets, ir_version=model.ir_version)
     result.functions.extend(ir.serde.serialize_function(f) for f in model.functions.values())
@@ -560,19 +624,67 @@ def _to_float64(node: onnx.NodeProto) -> None:
 
 def _confirmed(model: ir.Model, layer: _Layer, x: np.ndarray, values: dict[str, np.ndarray]) -> tuple[bool, str]:
     """Does the original's subgraph, in float64, compute the fused node's configuration?"""
-    sub = _subgraph64(model, layer.x, layer.y)
+    fed = {n: values[n] for n in layer.shapes if n in values}
+    sub = _subgraph64(model, layer.x, layer.original_y or layer.y, fed)
     if sub is None:
         return False, f"layer {layer.node}: its original subgraph depends on more than its input; cannot evaluate it in float64"
     try:
         from onnx.reference import ReferenceEvaluator
 
-        (y64,) = ReferenceEvaluator(sub).run(None, {layer.x: x.astype(np.float64)})
+        (y64,) = ReferenceEvaluator(sub).run(None, {layer.x: x.astype(np.float64), **fed})
+        y64 = layer.original_output(y64)
     except Exception as e:  # an op the reference evaluator lacks, or one without float64
         return False, f"layer {layer.node}: cannot evaluate its original subgraph in float64 ({one_line(e)})"
     d = _diff(y64, layer.reference(x, values), CONFIG_TOLERANCE)
     if d.ratio <= 1 and d.same_positions:
         return True, ""
     return False, f"layer {layer.node}: the original subgraph in float64 differs from the fused configuration by {d.max_abs:.3g}: the fusion changed what the layer computes"
+
+
+# -- the export's own float32 noise ------------------------------------------------------------
+
+
+def _noise_floor(before: _Model, sets: list[tuple[dict, dict]], indices: Sequence[int]) -> dict[str, float]:
+    """Per model output, the largest difference between the original run as verification ran
+    it (graph optimisations on) and run again with them off (no NCHWc Convs, no fusions: the
+    same model summed in another float32 order), over the input sets ``indices``: how far two
+    float32 evaluations of the export itself drift apart. One whole-model run per set, only
+    the outputs fetched (less memory than the layer runs before it)."""
+    floor: dict[str, float] = {}
+    with before.session([], whole=True, optimized=False) as run:
+        for i in indices:
+            feeds, expected = sets[i]
+            again = run(feeds)
+            for name in before.outputs:
+                d = _diff(again[name], expected[name], _tolerance(expected[name].dtype))
+                floor[name] = max(floor.get(name, 0.0), d.max_abs)
+            del again
+            _trim()
+    return floor
+
+
+def _within_noise(before: _Model, sets: list[tuple[dict, dict]], missed: list[int], outputs: dict[str, OutputCheck],
+                  notes: list[str], problems: list[str]) -> str | None:
+    """:data:`WITHIN_NOISE` when every output out of tolerance differs from the original by at
+    most :data:`NOISE_FACTOR` times the export's own float32 noise (:func:`_noise_floor`), else
+    None (the reason in ``problems``). Called only when every layer passed (a)."""
+    try:
+        floor = _noise_floor(before, sets, missed)
+    except Exception as e:  # the unoptimised session is a second opinion, never a new failure
+        problems.append(f"the original run without graph optimisations failed, no noise floor to compare with: {one_line(e)}")
+        return None
+    bad = [c for c in outputs.values() if not c.passed]
+    for c in outputs.values():
+        c.noise_floor = floor.get(c.name)
+    over = [c for c in bad if not c.max_abs_error <= NOISE_FACTOR * floor.get(c.name, 0.0)]
+    described = ", ".join(f"{c.name!r} {c.max_abs_error:.3g} against {floor.get(c.name, 0.0):.3g}" for c in (over or bad))
+    if over:
+        problems.append(f"beyond {NOISE_FACTOR:g}x the export's own float32 noise (the original without graph optimisations): {described}")
+        return None
+    notes.append(f"the outputs differ beyond the tolerance by no more than {NOISE_FACTOR:g}x the export's own float32 noise "
+                 f"(the original run without graph optimisations differs from itself by as much): {described}; every layer is within "
+                 "the tolerance of its float64 reference")
+    return WITHIN_NOISE
 
 
 # -- verify -----------------------------------------------------------------------------------
@@ -654,7 +766,26 @@ def verify(
 
 
 def _fetched(batch: list[_Layer], side: str) -> list[str]:
-    return [n for layer in batch if side == "fused" or layer.in_original for n in layer.fetched]
+    if side == "fused":
+        return [n for layer in batch for n in layer.fetched]
+    return list(dict.fromkeys(n for layer in batch if layer.in_original for n in layer.original_fetched))
+
+
+#: The suffix targets/ort_cpu.py (``_copy_region``) gives the channels-first copy of a
+#: channels-last value when it removes an export's Transposes: the original holds the value
+#: under the name without it, channels last.
+_CHANNELS_FIRST_SUFFIX = "_nchw"
+
+
+def _match_original(layer: _Layer, before: _Model) -> None:
+    """Find the layer's values in the original: the same names, or Y channels last under the
+    name a target's layout change came from; and the shapes its subgraph reads from outside."""
+    layer.original_y = layer.y
+    if layer.y not in before.values and layer.y.endswith(_CHANNELS_FIRST_SUFFIX) and layer.y[: -len(_CHANNELS_FIRST_SUFFIX)] in before.values:
+        layer.original_y, layer.channels_last = layer.y[: -len(_CHANNELS_FIRST_SUFFIX)], True
+    layer.in_original = all(n is None or n in layer.constants or n in before.values for n in (layer.x, layer.original_y, *layer.params))
+    if layer.in_original:
+        layer.shapes = _outside_shapes(before.ir, layer.x, layer.original_y)
 
 
 def _failed(shapes: list[dict], detail: str) -> Verification:
@@ -667,7 +798,7 @@ def _failed(shapes: list[dict], detail: str) -> Verification:
 def _verify(before: _Model, after: _Model, plan: inputs_module.Plan) -> Verification:
     layers = _layers(after.ir)
     for layer in layers:
-        layer.in_original = all(n is None or n in layer.constants or n in before.values for n in (layer.x, layer.y, *layer.params))
+        _match_original(layer, before)
     batches = _batches(layers, after.ir, plan)
     logger.debug("verification: %d layer(s) fetched in %d batch(es)", len(layers), len(batches))
     if len(batches) > 1:
@@ -703,7 +834,7 @@ def _verify_in_parts(before: _Model, after: _Model, plan: inputs_module.Plan, la
             raise
         except Exception as e:
             return _failed(shapes, f"the fused model failed on input set {i + 1} that the original ran on: {one_line(e)}")
-    return _judge(before, tally, [expected for _, expected in sets], fused, shapes)
+    return _judge(before, tally, sets, fused, shapes)
 
 
 def _verify_in_batches(before: _Model, after: _Model, plan: inputs_module.Plan, layers: list[_Layer], batches: list[list[_Layer]]) -> Verification:
@@ -738,7 +869,7 @@ def _verify_in_batches(before: _Model, after: _Model, plan: inputs_module.Plan, 
                         fused.append(outputs)
         except _LoadError as e:
             return failed(str(e))
-    return _judge(before, tally, [expected for _, expected in sets], fused, shapes)
+    return _judge(before, tally, sets, fused, shapes)
 
 
 #: Bytes of layer inputs and outputs fetched at once: onnxruntime keeps every graph output of
@@ -816,7 +947,11 @@ class _Tally:
         for layer, check in zip(self.layers, self.checks):
             if id(layer) not in judged or (side == "original" and not layer.in_original):
                 continue
-            x, y = results[layer.x], results[layer.y]
+            x = results[layer.x]
+            y = results[layer.y] if side == "fused" else layer.original_output(results[layer.original_y])
+            if y.shape != x.shape:  # not the same value after all: no original error for this layer
+                logger.debug("layer %s: the original's %s is %s, the input %s", layer.node, layer.original_y, y.shape, x.shape)
+                continue
             try:
                 d = layer.diff(x, y, results)
             except ValueError as e:  # the original's value of that name is laid out differently
@@ -825,7 +960,7 @@ class _Tally:
             ratio = d.ratio if d.same_positions else float("inf")
             suspect = None
             if side == "original" and ratio > 1 and layer.node not in self.suspect_inputs:
-                suspect = (x.copy(), {n: results[n].copy() for n in layer.params if n in results})
+                suspect = (x.copy(), {n: results[n].copy() for n in (*layer.params, *layer.shapes) if n in results})
             measured.append((layer, check, d, ratio, suspect))
         return measured
 
@@ -838,10 +973,12 @@ class _Tally:
                 self.suspect_inputs[layer.node] = suspect
 
 
-def _judge(before: _Model, tally: _Tally, expected_sets: list[dict], fused: list[dict], shapes: list[dict]) -> Verification:
+def _judge(before: _Model, tally: _Tally, sets: list[tuple[dict, dict]], fused: list[dict], shapes: list[dict]) -> Verification:
+    expected_sets = [expected for _, expected in sets]
     notes, problems = [], []
     positions_ok = True
     outputs: dict[str, OutputCheck] = {}
+    missed: set[int] = set()  # the input sets on which an output misses the tolerance
     tolerance = _DEFAULT
     for i, (expected, actual) in enumerate(zip(expected_sets, fused)):
         for name in before.outputs:
@@ -859,6 +996,7 @@ def _judge(before: _Model, tally: _Tally, expected_sets: list[dict], fused: list
                 notes.append(f"output {name!r} on input set {i + 1}: the original is not finite at {_positions(b)}; the fused model is not finite at the same positions (compared there as positions)")
             if d.ratio > 1:
                 check.passed = False
+                missed.add(i)
     outputs_ok = all(c.passed for c in outputs.values())
 
     layers, checks = tally.layers, tally.checks
@@ -888,6 +1026,8 @@ def _judge(before: _Model, tally: _Tally, expected_sets: list[dict], fused: list
             notes.append(f"the outputs differ beyond the tolerance because the export's own arithmetic is off: layer {worst.node} is "
                          f"{worst.original_error:.3g} from its float64 reference in the original, {worst.fused_error:.3g} in the fused model")
         problems.extend(reasons)
+        if not suspects:
+            verdict = _within_noise(before, sets, sorted(missed), outputs, notes, problems) or verdict
 
     return Verification(
         passed=verdict != "FAILED",

@@ -10,12 +10,12 @@ How it decides:
    float64 NumPy reference (:func:`ops.group_normalization`, with the fused node's groups, axis,
    epsilon, gamma and beta) computed from *that model's own* ``X``: each layer's error is its
    own, not what earlier layers passed on. (a) holds when every fused layer is within the
-   tolerance of its reference, or at least as close to it as the original's subgraph is.
+   tolerance of its reference, or at least as close to it as the original's subgraph is. A
+   layer a target moved channels first (``NAME_nchw``) is found in the original as ``NAME``,
+   channels last, and compared in the fused layout.
 2. *Outputs.* (b) holds when every model output of the fused model agrees with the original's
    within :data:`VERIFY_TOLERANCES`. Positions where the original is not finite (NaN, +/-Inf)
    are compared as positions: the same positions pass with a note, others fail.
-   A layer a target moved channels first (``NAME_nchw``) is found in the original as ``NAME``,
-   channels last, and compared in the fused layout.
 3. *Verdict.* (a) and (b): passed. (a) but not (b), where some original layers are out of the
    tolerance of their reference and further from it than the fused ones: "passed: more accurate
    than the export" -- but only after each of those original subgraphs, evaluated in float64

@@ -15,7 +15,10 @@ Convs, no fusions: another float32 summation order of the same model), and the f
 noise floor), max |fused - original(on)| and their quotient, the evidence for
 ``rewriter.verify.NOISE_FACTOR``. Sessions one at a time.
 
-    python benchmarks/verify_noise.py [--models NAME ...] [--noise | --noise-only] [--workdir DIR]
+``--force-noise-run`` runs the CLI with verify's noise run forced (after the verdict, on the
+first input set, whatever the verdict), to measure its peak RSS against the plain ``--verify``.
+
+    python benchmarks/verify_noise.py [--models NAME ...] [--noise | --noise-only] [--force-noise-run] [--workdir DIR]
 
 Timings are on whatever machine runs it (a shared one gives noisy wall times).
 """
@@ -60,15 +63,32 @@ print(json.dumps({"noise": noise, "drift": drift}))
 """
 
 
+#: The CLI with verify's noise run forced: _judge, then one noise run on the first input set.
+_FORCED = r"""
+import sys
+from onnx_groupnorm import cli
+from onnx_groupnorm.rewriter import verify
+judge = verify._judge
+def forced(before, tally, sets, fused, shapes):
+    result = judge(before, tally, sets, fused, shapes)
+    floor = verify._noise_floor(before, sets, [0])
+    print("noise floor", floor, file=sys.stderr)
+    return result
+verify._judge = forced
+raise SystemExit(cli.main(sys.argv[1:]))
+"""
+
+
 def _models(names: list[str]) -> list[pathlib.Path]:
     if names:
         return [BIGMODELS / f"{n}.onnx" for n in names]
     return sorted(p.with_suffix(".onnx") for p in BIGMODELS.glob("*_static.ready"))
 
 
-def _verified(model: pathlib.Path, workdir: pathlib.Path) -> dict:
+def _verified(model: pathlib.Path, workdir: pathlib.Path, forced: bool = False) -> dict:
     out, report = workdir / f"{model.stem}.fused.onnx", workdir / f"{model.stem}.report.json"
-    command = ["nice", "-n", "10", sys.executable, "-m", "onnx_groupnorm", "fuse", os.fspath(model), "-o", os.fspath(out),
+    entry = ["-c", _FORCED] if forced else ["-m", "onnx_groupnorm"]
+    command = ["nice", "-n", "10", sys.executable, *entry, "fuse", os.fspath(model), "-o", os.fspath(out),
                "--verify", "--report", os.fspath(report)]
     rss, wall, _ = timed(command, accept=(0, 1))
     v = json.loads(report.read_text())["verification"]
@@ -93,10 +113,10 @@ def _noise(model: pathlib.Path, workdir: pathlib.Path) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def _row(model: pathlib.Path, workdir: pathlib.Path, verify: bool, noise: bool) -> dict:
+def _row(model: pathlib.Path, workdir: pathlib.Path, verify: bool, noise: bool, forced: bool) -> dict:
     row = {"model": model.stem}
     if verify:
-        row.update(_verified(model, workdir))
+        row.update(_verified(model, workdir, forced))
     if noise:
         row.update(_noise(model, workdir))
     for path in workdir.glob(f"{model.stem}.*"):
@@ -113,6 +133,7 @@ def main() -> int:
     parser.add_argument("--models", nargs="*", default=[], help="names in $BIGMODELS (default: every ready *_static one)")
     parser.add_argument("--noise", action="store_true", help="also measure the export's float32 noise floor and the fused drift")
     parser.add_argument("--noise-only", action="store_true", help="only that (no --verify run)")
+    parser.add_argument("--force-noise-run", action="store_true", help="force verify's noise run (its memory and time)")
     parser.add_argument("--workdir", default=None)
     args = parser.parse_args()
     verify, noise = not args.noise_only, args.noise or args.noise_only
@@ -122,7 +143,7 @@ def main() -> int:
     print("|---|" + "---|" * len(columns))
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         for model in _models(args.models):
-            r = _row(model, pathlib.Path(tmp), verify, noise)
+            r = _row(model, pathlib.Path(tmp), verify, noise, args.force_noise_run)
             cells = [r["model"]]
             if verify:
                 cells += [r["verdict"], _fmt(r["error"]), _fmt(r["ratio"]), _fmt(r["floor"]),

@@ -945,6 +945,22 @@ def _layer_bytes(x: ir.Value | None, y: ir.Value | None, symbols: dict[str, int]
     return math.ceil(2 * count * dtype.itemsize)
 
 
+class _Stashed:
+    """An array kept in an anonymous temporary file until it is needed: the original's input of
+    each layer a "more accurate" verdict may rest on (up to one per layer, each as large as
+    the layer) stays out of memory meanwhile."""
+
+    def __init__(self, array: np.ndarray) -> None:
+        self.file = tempfile.TemporaryFile()  # deleted when closed or collected
+        np.save(self.file, np.ascontiguousarray(array), allow_pickle=False)
+
+    def load(self) -> np.ndarray:
+        self.file.seek(0)
+        array = np.load(self.file, allow_pickle=False)
+        self.file.close()
+        return array
+
+
 class _Tally:
     """Each layer's worst error against its reference, per side, accumulated run by run so that
     no run's layer values outlive it (only the model outputs are kept, and the original's layer
@@ -954,7 +970,7 @@ class _Tally:
         self.layers = layers
         self.outputs = outputs
         self.checks = [LayerCheck(node=layer.node, input=layer.x, output=layer.y, fused_error=0.0, fused_ratio=0.0) for layer in layers]
-        self.suspect_inputs: dict[str, tuple[np.ndarray, dict]] = {}  # layer node -> (original X, params)
+        self.suspect_inputs: dict[str, tuple[_Stashed, dict]] = {}  # layer node -> (original X, params)
 
     def add(self, side: str, index: int, results: dict[str, np.ndarray], batch: Sequence[_Layer]) -> dict[str, np.ndarray]:
         """Tally the layers of ``batch`` (``results`` holds their values); returns the model outputs."""
@@ -984,7 +1000,7 @@ class _Tally:
             ratio = d.ratio if d.same_positions else float("inf")
             suspect = None
             if side == "original" and ratio > SUSPECT_RATIO and layer.node not in self.suspect_inputs:
-                suspect = (raw.copy(), {n: results[n].copy() for n in (*layer.params, *layer.shapes) if n in results})
+                suspect = (_Stashed(raw), {n: results[n].copy() for n in (*layer.params, *layer.shapes) if n in results})
             measured.append((layer, check, d, ratio, suspect))
         return measured
 
@@ -1041,7 +1057,8 @@ def _judge(before: _Model, tally: _Tally, sets: list[tuple[dict, dict]], fused: 
                     if c.original_ratio is not None and c.original_ratio > SUSPECT_RATIO and c.original_error > SUSPECT_MARGIN * c.fused_error]
         reasons = []
         for layer, check in suspects:
-            x, params = tally.suspect_inputs[layer.node]
+            stashed, params = tally.suspect_inputs[layer.node]
+            x = stashed.load()
             check.confirmed, why = _confirmed(before.ir, layer, x, params)
             if why:
                 reasons.append(why)

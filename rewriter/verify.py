@@ -68,6 +68,7 @@ from ._graphs import is_ours
 from .errors import ModelFileError, UsageError, model_file_error, one_line
 from . import io
 from .report import LayerCheck, OutputCheck, Verification
+from .targets.ort_cpu import CHANNELS_FIRST_SUFFIX
 
 __all__ = ["verify", "VERIFY_TOLERANCES", "CONFIG_TOLERANCE", "MORE_ACCURATE", "SUSPECT_RATIO", "SUSPECT_MARGIN", "WITHIN_NOISE", "NOISE_FACTOR", "FETCH_BUDGET_BYTES"]
 
@@ -790,10 +791,9 @@ def _fetched(batch: list[_Layer], side: str) -> list[str]:
     return list(dict.fromkeys(n for layer in batch if layer.in_original for n in layer.original_fetched))
 
 
-#: The suffix targets/ort_cpu.py (``_copy_region``) gives the channels-first copy of a
-#: channels-last value when it removes an export's Transposes: the original holds the value
-#: under the name without it, channels last.
-_CHANNELS_FIRST_SUFFIX = "_nchw"
+#: The suffix targets/ort_cpu.py gives the channels-first copy of a channels-last value when it
+#: removes an export's Transposes: the original holds the value under the name without it.
+_CHANNELS_FIRST_SUFFIX = CHANNELS_FIRST_SUFFIX
 
 
 def _match_original(layer: _Layer, before: _Model) -> None:

@@ -43,7 +43,11 @@ from ...ops import Variant, contract, variant_for
 from .._graphs import graph_likes, is_ours
 from ..report import FuseReport
 
-__all__ = ["lower", "ABSORBS_ACTIVATION", "plan_regions"]
+__all__ = ["lower", "ABSORBS_ACTIVATION", "plan_regions", "CHANNELS_FIRST_SUFFIX"]
+
+#: Name suffix of the channels-first copy of a channels-last value (verification finds the
+#: original value under the name without it).
+CHANNELS_FIRST_SUFFIX = "_nchw"
 
 logger = logging.getLogger(__name__)
 
@@ -461,7 +465,7 @@ def _channels_first_input(container, region: _Region, node: ir.Node, i: int, new
             return None
         # Left-pad to rank r and transpose: a [C] constant becomes [1, C, 1, ..] (broadcasts on NCHW).
         array = array.reshape((1,) * (region.rank - array.ndim) + array.shape).transpose(_to_first(region.rank))
-        return _new_const(container, array, (value.name or "const") + "_nchw", node)
+        return _new_const(container, array, (value.name or "const") + CHANNELS_FIRST_SUFFIX, node)
     if kind == "insert":
         if value not in inserted_in:
             t = _transpose(value, _to_first(region.rank), f"{_label(node)}_to_nchw_{i}")
@@ -506,7 +510,7 @@ def _copy_region(container, region: _Region) -> dict[ir.Value, ir.Value]:
         for old_out, new_out in zip(node.outputs, new.outputs):
             new_out.type = old_out.type
             new_out.shape = _channels_first_shape(old_out, new, region.rank)
-            new_out.name = f"{old_out.name}_nchw" if old_out.name else None
+            new_out.name = f"{old_out.name}{CHANNELS_FIRST_SUFFIX}" if old_out.name else None
             new_of[old_out] = new_out
         container.insert_before(node, new)
     return new_of

@@ -240,6 +240,10 @@ class _Model:
         # Memory (benchmarks/fuse_memory.py --model): no arena holding freed activations, no
         # prepacked second copy of the MatMul weights (the weights stay memory-mapped).
         options.enable_cpu_mem_arena = False
+        # No memory pattern: each activation is allocated and freed as the run goes instead of
+        # one block planned for them all (a session here runs once or a few times: nothing to
+        # reuse; the Keras SD3 VAE decoder's largest part: ~100 MiB less at its peak).
+        options.enable_mem_pattern = False
         options.add_session_config_entry("session.disable_prepacking", "1")
         if self.folder is not None:
             options.add_session_config_entry("session.model_external_initializers_file_folder_path", os.fspath(self.folder))
@@ -447,10 +451,11 @@ class _Layer:
         gamma, beta = (None if p is None else p.reshape(-1) for p in (gamma, beta))
         return group_normalization(x.astype(np.float64), gamma, beta, groups=groups, axis=self.axis, epsilon=self.epsilon, activation=self.activation)
 
-    def diff(self, x: np.ndarray, y: np.ndarray, values: dict[str, np.ndarray]) -> _Diff:
-        """``y`` against the reference of ``x``, a few groups at a time: groups are
-        independent, and the float64 temporaries of a whole large layer would cost ~10x it."""
-        tolerance = _tolerance(y.dtype)
+    def diff(self, x: np.ndarray, y: np.ndarray, values: dict[str, np.ndarray], tolerance: Tolerance | None = None) -> _Diff:
+        """``y`` against the reference of ``x`` (within ``tolerance``, default: ``y``'s type's),
+        a few groups at a time: groups are independent, and the float64 temporaries of a whole
+        large layer would cost ~10x it."""
+        tolerance = tolerance or _tolerance(y.dtype)
         axis = self.axis % x.ndim if x.ndim else 0
         channels = x.shape[axis] if x.ndim else 0
         groups = channels if self.groups == -1 else self.groups
@@ -639,23 +644,95 @@ def _to_float64(node: onnx.NodeProto) -> None:
             return
 
 
-def _confirmed(model: ir.Model, layer: _Layer, x: np.ndarray, values: dict[str, np.ndarray]) -> tuple[bool, str]:
+def _evaluate(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    """The single output of ``model`` (a subgraph from :func:`_subgraph64`, no nested graphs)
+    by onnx's ReferenceEvaluator, one node at a time: each value is dropped after its last
+    use (the evaluator run on the whole graph keeps every intermediate to the end: ~10 float64
+    copies of a layer, the peak of a large decoder's --verify). Same ops, same NumPy: the same
+    result as evaluating the whole graph at once."""
+    from onnx.reference import ReferenceEvaluator
+
+    graph = model.graph
+    opsets = {o.domain: o.version for o in model.opset_import}
+    functions = list(model.functions)
+    (output,) = [o.name for o in graph.output]
+    values = {**feeds, **{t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer}}
+    given = set(values)  # the caller's arrays and the constants are never written over
+    del feeds
+    nodes = _shapes_first(list(graph.node))
+    last_use = {name: i for i, node in enumerate(nodes) for name in node.input if name}
+    for i, node in enumerate(nodes):
+        if (results := _in_place(node, values, last_use, i, given)) is None:
+            evaluator = ReferenceEvaluator(node, opsets=opsets, functions=functions or None)
+            results = evaluator.run(None, {name: values[name] for name in node.input if name})
+        values.update((name, value) for name, value in zip(node.output, results) if name == output or name in last_use)
+        del results
+        for name in node.input:
+            if name != output and last_use.get(name) == i:
+                values.pop(name, None)
+    return values[output]
+
+
+#: Elementwise float ops the float64 evaluation may compute into an input's buffer: the
+#: reference evaluator's own NumPy function, so the same values, one layer-sized copy less.
+_IN_PLACE = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply}
+
+
+def _in_place(node: onnx.NodeProto, values: dict[str, np.ndarray], last_use: dict[str, int], i: int, given: set[str]) -> list[np.ndarray] | None:
+    """``node``'s result written over its first input, when that is a float64 array computed
+    here (not ``given``), at its last use, owning its memory, shared with no other value, of
+    the result's shape; else None."""
+    if node.op_type not in _IN_PLACE or node.domain not in ("", "ai.onnx") or len(node.input) != 2 or len(node.output) != 1:
+        return None
+    if node.input[0] in given:
+        return None
+    a, b = (values.get(n) for n in node.input)
+    if not (isinstance(a, np.ndarray) and isinstance(b, np.ndarray) and a.dtype == b.dtype == np.float64):
+        return None
+    if last_use.get(node.input[0]) != i or a.base is not None or not a.flags.writeable or a.shape != np.broadcast_shapes(a.shape, b.shape):
+        return None
+    if any(v is a or getattr(v, "base", None) is a for n, v in values.items() if n != node.input[0]):
+        return None
+    return [_IN_PLACE[node.op_type](a, b, out=a)]
+
+
+def _shapes_first(nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
+    """``nodes`` (in topological order) with the shape computations first: ``Shape``/``Size``
+    nodes of the graph's inputs and the nodes that read only their results (or initializers),
+    each part in its order (still topological). tf2onnx reads the layer input's shape only for the final Reshape;
+    computed first, the input is dropped at its last real use instead of at the end."""
+    produced = {o for node in nodes for o in node.output}
+    small: set[str] = set()
+    first, rest = [], []
+    for node in nodes:
+        read = [n for n in node.input if n in produced]
+        if all(n in small for n in read) and (read or node.op_type in _SHAPE_OPS):
+            small.update(node.output)
+            first.append(node)
+        else:
+            rest.append(node)
+    return first + rest
+
+
+def _confirmed(model: ir.Model, layer: _Layer, x: np.ndarray | Callable[[], np.ndarray], values: dict[str, np.ndarray]) -> tuple[bool, str]:
     """Does the original's subgraph, in float64, compute the fused node's configuration?
-    ``x``: the original's layer input, in the original's layout."""
+    ``x``: the original's layer input, in the original's layout, or a function reading it
+    (called twice, so that it is not held while the subgraph is evaluated)."""
+    read = x if callable(x) else lambda: x
     fed = {n: values[n] for n in layer.shapes if n in values}
     x_name = layer.original_x or layer.x
     sub = _subgraph64(model, x_name, layer.original_y or layer.y, fed)
     if sub is None:
         return False, f"layer {layer.node}: its original subgraph depends on more than its input; cannot evaluate it in float64"
     try:
-        from onnx.reference import ReferenceEvaluator
-
-        (y64,) = ReferenceEvaluator(sub).run(None, {x_name: x.astype(np.float64), **fed})
+        y64 = _evaluate(sub, {x_name: read().astype(np.float64), **fed})
         y64 = layer.original_output(y64)
-        x = layer.original_input(x)
+        x = layer.original_input(read())
     except Exception as e:  # an op the reference evaluator lacks, or one without float64
         return False, f"layer {layer.node}: cannot evaluate its original subgraph in float64 ({one_line(e)})"
-    d = _diff(y64, layer.reference(x, values), CONFIG_TOLERANCE)
+    # A few groups at a time (:meth:`_Layer.diff`): the whole layer's reference and its
+    # temporaries in float64 were the peak of a large decoder's --verify.
+    d = layer.diff(x, y64, values, CONFIG_TOLERANCE)
     if d.ratio <= 1 and d.same_positions:
         return True, ""
     return False, f"layer {layer.node}: the original subgraph in float64 differs from the fused configuration by {d.max_abs:.3g}: the fusion changed what the layer computes"
@@ -955,9 +1032,10 @@ class _Stashed:
 
     def load(self) -> np.ndarray:
         self.file.seek(0)
-        array = np.load(self.file, allow_pickle=False)
+        return np.load(self.file, allow_pickle=False)
+
+    def close(self) -> None:
         self.file.close()
-        return array
 
 
 class _Tally:
@@ -1057,8 +1135,8 @@ def _judge(before: _Model, tally: _Tally, sets: list[tuple[dict, dict]], fused: 
         reasons = []
         for layer, check in suspects:
             stashed, params = tally.suspect_inputs[layer.node]
-            x = stashed.load()
-            check.confirmed, why = _confirmed(before.ir, layer, x, params)
+            check.confirmed, why = _confirmed(before.ir, layer, stashed.load, params)
+            stashed.close()
             if why:
                 reasons.append(why)
         if suspects and not reasons:

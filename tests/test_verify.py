@@ -584,3 +584,35 @@ def test_float64_subgraph_is_fed_the_shapes_it_reads(mutate):
     confirmed, why = verify_module._confirmed(original, layer, values[layer.x], params)
     assert confirmed is (mutate is None), why
     assert (why == "") is (mutate is None) and "depends on more than its input" not in why
+
+
+
+def test_float64_subgraph_node_by_node_is_the_whole_graph_evaluation():
+    """The float64 subgraph is evaluated one node at a time, each value dropped after its last
+    use, the shape computations first (tf2onnx reads the layer input's shape only for the final
+    Reshape), Add/Sub/Mul into a dead input's buffer: the result is exactly that of onnx's
+    ReferenceEvaluator on the whole graph, and the input fed is left as it was."""
+    import onnxruntime
+    from onnx.reference import ReferenceEvaluator
+
+    model = _corpus_model("keras_tf_fromkeras_nhwc_r4_resblock_g8_initial")
+    original = onnx_ir.from_proto(model)
+    fused, _ = _fused(model, target="ort")
+    layer = verify_module._layers(onnx_ir.from_proto(fused))[0]
+    x_name, y_name = layer.x, layer.y.removesuffix(verify_module._CHANNELS_FIRST_SUFFIX)
+    shapes = verify_module._outside_shapes(original, x_name, y_name)
+    probe = copy.deepcopy(model)
+    probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in [x_name, *shapes])
+    feeds = {i.name: np.random.default_rng(0).normal(size=[d.dim_value or 2 for d in i.type.tensor_type.shape.dim]).astype(np.float32)
+             for i in model.graph.input}
+    x, *shape_values = onnxruntime.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"]).run([x_name, *shapes], feeds)
+    fed = dict(zip(shapes, shape_values))
+    sub = verify_module._subgraph64(original, x_name, y_name, fed)
+    ordered = verify_module._shapes_first(list(sub.graph.node))
+    assert sorted(n.SerializeToString() for n in ordered) == sorted(n.SerializeToString() for n in sub.graph.node)
+    shape_ops = [n for n in sub.graph.node if n.op_type == "Shape" and n.input[0] == x_name]
+    assert shape_ops and ordered[0].op_type == "Shape", [n.op_type for n in ordered]  # the layer input's shape, read first
+    x64 = x.astype(np.float64)
+    (whole,) = ReferenceEvaluator(sub).run(None, {x_name: x64, **fed})
+    np.testing.assert_array_equal(verify_module._evaluate(sub, {x_name: x64, **fed}), whole)
+    np.testing.assert_array_equal(x64, x.astype(np.float64))  # computed in place, never over what it was fed

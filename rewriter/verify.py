@@ -36,10 +36,11 @@ so no serialised copy of the weights is held and nothing over 2 GB is serialised
 keeps every fetched layer value alive to the end of a run, so the layers are fetched in
 batches of at most :data:`FETCH_BUDGET_BYTES`: the last layers' batch runs the whole model
 (its outputs, and the input sizes it accepts), each earlier batch only the nodes before its
-layers. Sessions run one at a time (default thread count, no memory arena, no prepacked
-weight copies); the float64 work is one NumPy reference per layer per set, plus a subgraph
-evaluation only for the layers a "more accurate" verdict rests on; the noise run only on its
-path, fetching the outputs alone (less than the layer runs before it).
+layers. Sessions run one at a time (default thread count, no memory arena, no memory
+pattern, no prepacked weight copies); the float64 work is one NumPy reference per layer per
+set, a few groups at a time, plus a subgraph evaluation only for the layers a "more accurate"
+verdict rests on (node by node, each value dropped after its last use); the noise run only on
+its path, fetching the outputs alone (less than the layer runs before it).
 """
 
 from __future__ import annotations

@@ -260,7 +260,7 @@ def _checkout_tree(root: pathlib.Path, into: pathlib.Path) -> str:
 def main_cli(args) -> None:
     """The command line on ``args.model``: fuse and fuse --verify, this checkout (and --before)."""
     model = args.model.resolve()
-    size_mib = model.stat().st_size / 2**20
+    size_mib = sum(p.stat().st_size for p in input_files(model)) / 2**20  # with its external data
     goal = VERIFY_GOAL * size_mib + 300
     checkouts = {"this": None}
     if args.before:
@@ -305,7 +305,8 @@ def main() -> None:
     args.workdir.mkdir(parents=True, exist_ok=True)
     if args.model and (args.before or args.modes.startswith("cli")):
         main_cli(args)
-    elif args.model:
+        return
+    if args.model:
         measure_model(args.model, args.targets.split(","), args.workdir, not args.no_parity)
         return
     src = args.workdir / f"blocks{args.blocks}_constant{args.constant_mib}.onnx"

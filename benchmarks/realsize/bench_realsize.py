@@ -328,30 +328,28 @@ def num(value, spec):
     return "—" if value is None else format(value, spec)
 
 
+def runtime_cells(row, orig, key):
+    """One runtime's cells (``key``: ``ov`` or ``tract``): ratio (or why not), error fused (export)."""
+    if f"{key}_fail" in row:
+        return [f"fails: {row[f'{key}_fail']}", "—"]
+    if f"{key}_err" not in row:
+        return ["—", "—"]
+    err = f"{row[f'{key}_err']:.1e} ({num(orig.get(f'{key}_err'), '.1e')})"
+    if f"{key}_fail" in orig:
+        return [f"original fails; fused {fmt_ms(row.get(f'{key}_ms'))} ms", err]
+    return [fmt_ratio(row.get(f"{key}_ratio")), err]
+
+
 def ov_cells(row, orig):
     """OpenVINO: ratio (or why not), error fused (export)."""
-    if "ov_fail" in row:
-        return [f"fails: {row['ov_fail']}", "—"]
-    if "ov_err" not in row:
-        return ["—", "—"]
-    err = f"{row['ov_err']:.1e} ({num(orig.get('ov_err'), '.1e')})"
-    if "ov_fail" in orig:
-        return [f"original fails; fused {fmt_ms(row.get('ov_ms'))} ms", err]
-    return [fmt_ratio(row.get("ov_ratio")), err]
+    return runtime_cells(row, orig, "ov")
 
 
 def tract_cells(t, row, orig):
     """tract: ratio (or why not), error fused (export); only the ``portable`` rows run there."""
     if t != "portable" or row["error"]:
         return ["—", "—"]
-    if "tract_fail" in row:
-        return [f"fails: {row['tract_fail']}", "—"]
-    if "tract_err" not in row:
-        return ["—", "—"]
-    err = f"{row['tract_err']:.1e} ({num(orig.get('tract_err'), '.1e')})"
-    if "tract_fail" in orig:
-        return [f"original fails; fused {fmt_ms(row.get('tract_ms'))} ms", err]
-    return [fmt_ratio(row.get("tract_ratio")), err]
+    return runtime_cells(row, orig, "tract")
 
 
 def table(results, use_ov, use_tract=False):

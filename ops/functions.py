@@ -19,6 +19,9 @@ specialise the body when we attach it, and tell the bodies apart with the ONNX f
     ``InstanceNormalization`` (scale 1, bias 0) and apply gamma/beta per channel with one
     ``BatchNormalization`` (mean 0, var 1, epsilon 0), a single pass over the tensor. Six
     kernels per layer, one more than torch's own export (``benchmarks/realsize/profile_gn_layers.py``).
+    Its ``_unshifted`` overload (``Variant.shift=False``) skips the shift: onnxruntime's
+    InstanceNormalization on the data itself, the arithmetic of torch's own export, which the
+    ``ort`` target keeps for layers torch exported that way (``targets.ort_cpu.keep_export_arithmetic``).
   - ``nd``: view ``x`` as ``[N, A, G, C/G, B]`` (A = dims before the channel axis, B = dims
     after it), reduce over ``[3, 4]`` then ``[1]`` (each reduction is one of onnxruntime's
     fast reduce patterns, unlike one reduce over the three axes), and apply the statistics
@@ -73,7 +76,7 @@ _STASHED = (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
 _SUPPORTED_DTYPES = (*_STASHED, onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE)
 
 
-_OVERLOAD = re.compile(r"^(cf|cl|nd)_([a-z0-9]+)_(gb|g|b|plain)(_silu)?(?:_c(\d+)g(\d+)(?:r(\d+))?)?$")
+_OVERLOAD = re.compile(r"^(cf|cl|nd)_([a-z0-9]+)_(gb|g|b|plain)(_silu)?(?:_c(\d+)g(\d+)(?:r(\d+))?)?(_unshifted)?$")
 
 
 class Variant(NamedTuple):
@@ -94,6 +97,9 @@ class Variant(NamedTuple):
     channels: int = 0
     groups: int = 0
     rank: int = 0
+    #: ``cf`` only: False drops the precision shift (onnxruntime's InstanceNormalization on the
+    #: data itself, the arithmetic of torch's own export; see ``targets.ort_cpu``).
+    shift: bool = True
 
     @property
     def overload(self) -> str:
@@ -104,6 +110,8 @@ class Variant(NamedTuple):
             name += f"_c{self.channels}g{self.groups}"
         if self.layout == "cl":
             name += f"r{self.rank}"
+        if not self.shift:
+            name += "_unshifted"
         return name
 
     @classmethod
@@ -113,7 +121,7 @@ class Variant(NamedTuple):
         try:
             if match is None:
                 raise ValueError(overload)
-            layout, dtype, affine, silu, channels, groups, rank = match.groups()
+            layout, dtype, affine, silu, channels, groups, rank, unshifted = match.groups()
             variant = cls(
                 layout,
                 onnx.TensorProto.DataType.Value(dtype.upper()),
@@ -123,6 +131,7 @@ class Variant(NamedTuple):
                 int(channels or 0),
                 int(groups or 0),
                 int(rank or 0),
+                unshifted is None,
             )
             _validate(variant)
         except ValueError as e:
@@ -142,6 +151,8 @@ def _validate(variant: Variant) -> None:
         raise ValueError(f"C={variant.channels} is not divisible by groups={variant.groups}")
     if variant.layout == "cl" and variant.rank < 2:
         raise ValueError(f"rank {variant.rank} < 2")
+    if not variant.shift and variant.layout != "cf":
+        raise ValueError(f"only the cf body can drop its shift, not {variant.layout!r}")
 
 
 def variant_for(
@@ -213,6 +224,7 @@ def _switches(variant: Variant, opset: int) -> _Switches:
 def _cf_body(variant: Variant, opset: int):
     """Channels-first: Slice shift, Sub, InstanceNormalization per group, one BatchNormalization affine."""
     STASH, COMPUTE, OUT, SCALE, CENTER, AFFINE, NO_AFFINE, SILU, R18, R13, op = _switches(variant, opset)
+    SHIFT, UNSHIFTED = variant.shift, not variant.shift
     # Shapes known when the body is built: constants onnxruntime needs no kernel for.
     C, G = variant.channels, variant.groups
     GROUPED = [0, G, -1]  # [N, G, C/G * spatial]
@@ -231,16 +243,19 @@ def _cf_body(variant: Variant, opset: int):
         else:
             x = op.Identity(X)
         x3 = op.Reshape(x, op.Constant(value_ints=GROUPED))
-        # The shift, [N, G, 1], from the grouped view itself (contiguous: a strided Slice costs
-        # a full pass in onnxruntime). Subtracted, it leaves the statistics small deviations.
-        head = op.Slice(x3, op.Constant(value_ints=[0]), op.Constant(value_ints=[HEAD]), op.Constant(value_ints=[2]))
-        if ONE:
-            m = op.Identity(head)
-        if MEAN18:
-            m = op.ReduceMean(head, op.Constant(value_ints=[2]), keepdims=1)
-        if MEAN13:
-            m = op.ReduceMean(head, axes=[2], keepdims=1)
-        d = op.Sub(x3, m)
+        if SHIFT:
+            # The shift, [N, G, 1], from the grouped view itself (contiguous: a strided Slice costs
+            # a full pass in onnxruntime). Subtracted, it leaves the statistics small deviations.
+            head = op.Slice(x3, op.Constant(value_ints=[0]), op.Constant(value_ints=[HEAD]), op.Constant(value_ints=[2]))
+            if ONE:
+                m = op.Identity(head)
+            if MEAN18:
+                m = op.ReduceMean(head, op.Constant(value_ints=[2]), keepdims=1)
+            if MEAN13:
+                m = op.ReduceMean(head, axes=[2], keepdims=1)
+            d = op.Sub(x3, m)
+        if UNSHIFTED:
+            d = op.Identity(x3)
         n = op.Reshape(op.InstanceNormalization(d, op.Constant(value=ONES_G), op.Constant(value=ZEROS_G), epsilon=epsilon), op.Shape(X))
         if AFFINE:
             ones_c = op.Constant(value=ONES_C)

@@ -402,7 +402,8 @@ class GroupNormFusionPass(ir.passes.InPlacePass):
 
     ``keep_standard`` leaves standard GroupNormalization ops alone; ``absorb_activation``
     folds a following SiLU into the op (default: only for targets that gain from it);
-    ``check`` runs onnx's checker on the result when the input passes it (a failure raises
+    ``precise`` keeps our precision shift where a target would otherwise keep the export's
+    arithmetic (:func:`targets.lower`); ``check`` runs onnx's checker on the result when the input passes it (a failure raises
     ``RuntimeError``). After a call, :attr:`report` says what was fused, skipped and lowered;
     the ``PassResult`` is modified exactly when something was. Runs in an onnx-ir
     ``PassManager`` next to onnxscript's optimizer and your own passes.
@@ -414,6 +415,7 @@ class GroupNormFusionPass(ir.passes.InPlacePass):
         target: str = targets_module.DEFAULT_TARGET,
         keep_standard: bool = False,
         absorb_activation: bool | None = None,
+        precise: bool = False,
         check: bool = True,
         source: str = "",
     ) -> None:
@@ -423,12 +425,13 @@ class GroupNormFusionPass(ir.passes.InPlacePass):
         self.target = target
         self.keep_standard = keep_standard
         self.absorb_activation = targets_module.absorbs_activation_by_default(target) if absorb_activation is None else absorb_activation
+        self.precise = precise
         self.check = check
         self.source = source
-        self.report = FuseReport(source=source, target=target)
+        self.report = FuseReport(source=source, target=target, precise=precise)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        self.report = report = FuseReport(source=self.source, target=self.target)
+        self.report = report = FuseReport(source=self.source, target=self.target, precise=self.precise)
         opset = _default_opset(model)
         if opset is None:
             report.notes.append("the model imports no default-domain opset: nothing fused")
@@ -455,7 +458,7 @@ class GroupNormFusionPass(ir.passes.InPlacePass):
         # inferred shapes are still on the values.
         fused_layers = [_fused_layer(n) for g in graph_likes(model) for n in g if is_ours(n) and n not in before]
         snapshot.remove_new_dead_code(model)  # shape reads the rules left for later layers (jax2onnx) are dead now
-        targets_module.lower(model, self.target, report)
+        targets_module.lower(model, self.target, report, precise=self.precise)
         snapshot.remove_new_dead_code(model)
         report.fused = fused_layers  # graph order: main graph, its subgraphs, then functions
         snapshot.restore(model)
@@ -497,7 +500,8 @@ class GroupNormFusionPass(ir.passes.InPlacePass):
             )
             return ir.passes.PassResult(model, modified=False)
         inner = GroupNormFusionPass(
-            target=self.target, keep_standard=self.keep_standard, absorb_activation=self.absorb_activation, check=self.check, source=self.source
+            target=self.target, keep_standard=self.keep_standard, absorb_activation=self.absorb_activation, precise=self.precise,
+            check=self.check, source=self.source,
         )
         if not inner(raised).modified:
             report.notes.append(f"default-domain opset {opset} is below {contract.MIN_OPSET}: nothing to fuse, the model is unchanged")

@@ -72,6 +72,7 @@ def fuse(
     keep_standard: bool = False,
     target: str = targets_module.DEFAULT_TARGET,
     absorb_activation: bool | None = None,
+    precise: bool = False,
     source: str = "",
     seed: int = 0,
     verify_inputs=None,
@@ -86,14 +87,16 @@ def fuse(
     the report (it does not raise: check ``report.verification.passed``); it needs the
     ``ort`` extra. ``target`` picks the deployment form (:mod:`.targets`);
     ``absorb_activation`` folds a following SiLU into the op (default: only for targets
-    that gain from it). ``verify_inputs`` (an ``inputs.InputSpec``) fixes verification
+    that gain from it). ``precise`` keeps our precision shift in every layer: the ``ort``
+    target otherwise computes the layers torch exported as InstanceNormalization with that
+    export's own arithmetic (:func:`.targets.ort_cpu.keep_export_arithmetic`). ``verify_inputs`` (an ``inputs.InputSpec``) fixes verification
     input shapes or arrays. ``verify_original``: the file an ``onnx_ir.Model`` was loaded
     from; the verification runs the original from it (its external data in place) instead of
     a copy taken before the rewrite. ``verify_workdir``: where the verification may write a
     model whose weights are in memory, in a temporary folder it removes (default: the
     system's). :class:`GroupNormFusionPass` does the work.
     """
-    fusion = GroupNormFusionPass(target=target, keep_standard=keep_standard, absorb_activation=absorb_activation, source=source)
+    fusion = GroupNormFusionPass(target=target, keep_standard=keep_standard, absorb_activation=absorb_activation, precise=precise, source=source)
     is_proto = isinstance(model, onnx.ModelProto)
     # Verification compares with the input as it was: its file, or a copy (external tensors
     # stay references).
@@ -125,7 +128,7 @@ def fuse(
             again, again_path = io.load_model(original), original
         else:
             again, again_path = original, None
-        _, function_report = fuse(again, verify=True, keep_standard=keep_standard, absorb_activation=fusion.absorb_activation, seed=seed,
+        _, function_report = fuse(again, verify=True, keep_standard=keep_standard, absorb_activation=fusion.absorb_activation, precise=precise, seed=seed,
                                   verify_inputs=verify_inputs, verify_original=again_path, verify_workdir=verify_workdir)
         report.verification = function_report.verification
         report.verification.detail = f"verified as target=function: {targets_module.NOT_ON_CPU[target]}"

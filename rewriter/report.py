@@ -6,7 +6,11 @@ import dataclasses
 import json
 from collections import Counter
 
-__all__ = ["FusedLayer", "Skipped", "Verification", "LayerCheck", "OutputCheck", "FuseReport"]
+__all__ = ["FusedLayer", "Skipped", "Verification", "LayerCheck", "OutputCheck", "FuseReport", "UNSHIFTED_FORM"]
+
+#: ``FuseReport.lowered`` form of a layer computed with its export's own InstanceNormalization
+#: arithmetic (no precision shift; ``targets.ort_cpu.keep_export_arithmetic``).
+UNSHIFTED_FORM = "our op, channels-first, unshifted: the export's InstanceNormalization arithmetic"
 
 
 @dataclasses.dataclass
@@ -95,6 +99,7 @@ class Verification:
 class FuseReport:
     source: str = ""
     target: str = "function"
+    precise: bool = False  # the caller asked for our precision shift in every layer
     fused: list[FusedLayer] = dataclasses.field(default_factory=list)
     skipped: list[Skipped] = dataclasses.field(default_factory=list)
     notes: list[str] = dataclasses.field(default_factory=list)
@@ -122,6 +127,9 @@ class FuseReport:
         inserted = sum(entry.get("transposes_inserted", 0) for entry in self.lowered)
         if removed or inserted:
             head += f"; target {self.target}: {removed} Transpose(s) removed, {inserted} inserted"
+        unshifted = sum(1 for entry in self.lowered if entry.get("form") == UNSHIFTED_FORM)
+        if unshifted:
+            head += f"; {unshifted} layer(s) keep the export's InstanceNormalization arithmetic (--precise: our shift)"
         if nodes is not None:
             head += f"; nodes {nodes[0]} -> {nodes[1]}"
         lines.append(head)

@@ -1049,6 +1049,7 @@ class _Tally:
         self.outputs = outputs
         self.checks = [LayerCheck(node=layer.node, input=layer.x, output=layer.y, fused_error=0.0, fused_ratio=0.0) for layer in layers]
         self.suspect_inputs: dict[str, tuple[_Stashed, dict]] = {}  # layer node -> (original X, params)
+        self._why: dict[str, str] = {}  # layer node -> why its original subgraph was not confirmed
 
     def add(self, side: str, index: int, results: dict[str, np.ndarray], batch: Sequence[_Layer]) -> dict[str, np.ndarray]:
         """Tally the layers of ``batch`` (``results`` holds their values); returns the model outputs."""
@@ -1090,6 +1091,15 @@ class _Tally:
             if suspect is not None and layer.node not in self.suspect_inputs:
                 self.suspect_inputs[layer.node] = suspect
 
+    def confirm(self, before: _Model, layer: _Layer, check: LayerCheck) -> str:
+        """:func:`_confirmed` on the original's stashed input of ``layer`` (once; the stash is
+        closed after): records ``check.confirmed``, returns why not ("" when confirmed)."""
+        if check.confirmed is None:
+            stashed, params = self.suspect_inputs.pop(layer.node)
+            check.confirmed, self._why[layer.node] = _confirmed(before.ir, layer, stashed.load, params)
+            stashed.close()
+        return self._why.get(layer.node, "")
+
 
 def _judge(before: _Model, tally: _Tally, sets: list[tuple[dict, dict]], fused: list[dict], shapes: list[dict]) -> Verification:
     expected_sets = [expected for _, expected in sets]
@@ -1119,11 +1129,21 @@ def _judge(before: _Model, tally: _Tally, sets: list[tuple[dict, dict]], fused: 
 
     layers, checks = tally.layers, tally.checks
     layers_ok = True
-    for check in checks:
-        if check.fused_ratio > 1 and not (check.original_error is not None and check.fused_error <= check.original_error):
-            layers_ok = False
-            problems.append(f"layer {check.node}: {check.fused_error:.3g} from its float64 reference ({check.fused_ratio:.3g} of the tolerance)"
-                            + (f", the original's subgraph {check.original_error:.3g}" if check.original_error is not None else ""))
+    for layer, check in zip(layers, checks):
+        if check.fused_ratio <= 1:
+            continue
+        excused = check.original_error is not None and check.fused_error <= check.original_error
+        # As far off as the export: excused only by the export's own float32 arithmetic, which the
+        # float64 re-run of its subgraph shows (a node whose configuration is not what it computes,
+        # e.g. the export's arithmetic kept with a wrong attribute, is as far off there).
+        why = tally.confirm(before, layer, check) if excused and layer.node in tally.suspect_inputs or check.confirmed is False else ""
+        if excused and check.confirmed:
+            continue
+        layers_ok = False
+        problems.append(f"layer {check.node}: {check.fused_error:.3g} from its float64 reference ({check.fused_ratio:.3g} of the tolerance)"
+                        + (f", the original's subgraph {check.original_error:.3g}" if check.original_error is not None else ""))
+        if why:
+            problems.append(why)
 
     verdict = "passed" if layers_ok and outputs_ok else "FAILED"
     if not outputs_ok:
@@ -1133,13 +1153,7 @@ def _judge(before: _Model, tally: _Tally, sets: list[tuple[dict, dict]], fused: 
     if layers_ok and not outputs_ok and positions_ok:
         suspects = [(layer, c) for layer, c in zip(layers, checks)
                     if c.original_ratio is not None and c.original_ratio > SUSPECT_RATIO and c.original_error > SUSPECT_MARGIN * c.fused_error]
-        reasons = []
-        for layer, check in suspects:
-            stashed, params = tally.suspect_inputs[layer.node]
-            check.confirmed, why = _confirmed(before.ir, layer, stashed.load, params)
-            stashed.close()
-            if why:
-                reasons.append(why)
+        reasons = [why for layer, check in suspects if (why := tally.confirm(before, layer, check))]
         if suspects and not reasons:
             verdict = MORE_ACCURATE
             worst = max(suspects, key=lambda s: s[1].original_error)[1]

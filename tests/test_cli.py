@@ -13,6 +13,7 @@ import pytest
 from helpers import keras_dynamo_group_norm, single_model
 
 from onnx_groupnorm import __version__, cli
+from onnx_groupnorm.ops.builder import VARIANT_KEY
 from onnx_groupnorm.rewriter import TARGETS
 
 SHAPE = (2, 6, 6, 16)
@@ -83,6 +84,24 @@ def test_skipped_reason_in_report(tmp_path, capsys):
     (skip,) = json.loads(report.read_text())["skipped"]
     assert skip["node"] == "gn_out_reshape" and skip["reason"] == "epsilon is not a non-negative scalar constant"
     assert "skipped gn_out_reshape" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("precise", [False, True], ids=["default", "precise"])
+def test_precise_keeps_the_shift_in_torch_layers(precise, tmp_path, capsys):
+    """A torch InstanceNormalization-form export: by default its layers keep the export's
+    arithmetic (said on the summary line and in the report); ``--precise`` keeps our shift."""
+    src = pathlib.Path(__file__).resolve().parents[1] / "models" / "torch" / "torch_gn_ts_r4_g4_opset17_dynbatchhw.onnx"
+    out, report = tmp_path / "o.onnx", tmp_path / "r.json"
+    args = ["fuse", str(src), "-o", str(out), "--report", str(report)] + (["--precise"] if precise else [])
+    assert cli.main(args) == cli.EXIT_OK
+    data = json.loads(report.read_text())
+    unshifted = [e for e in data["lowered"] if "unshifted" in e["form"]]
+    assert data["precise"] is precise and len(unshifted) == (0 if precise else 1)
+    said = "keep the export's InstanceNormalization arithmetic" in capsys.readouterr().out
+    assert said is not precise
+    # the variant of each body (the default one has overload "" and says its variant in metadata)
+    variants = [p.value for f in onnx.load(out).functions for p in f.metadata_props if p.key == VARIANT_KEY]
+    assert variants and any(v.endswith("_unshifted") for v in variants) is not precise
 
 
 def test_inspect(model_path, capsys):

@@ -8,7 +8,10 @@ fused model must load in onnxruntime and compute what the mutant computes:
 * on an input with a large mean and a tiny std: against a float64 evaluation of the mutant
   (onnx's ReferenceEvaluator on a float64 copy), because the exporter's own float32 graph
   (E[x^2] - E[x]^2) is itself wrong there. Where nothing was rewritten, the fused model is
-  the mutant and is compared with the mutant's own float32 output instead.
+  the mutant and is compared with the mutant's own float32 output instead; where the ``ort``
+  target kept torch's InstanceNormalization arithmetic (no precision shift, as precise as the
+  export: ``targets.ort_cpu.keep_export_arithmetic``), with the mutant's own float32 output too,
+  and the same fusion with ``precise=True`` against float64.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from corpus import MODELS, data, manifest
 from helpers import run_ort
 
 from onnx_groupnorm.rewriter import fuse
+from onnx_groupnorm.rewriter.report import UNSHIFTED_FORM
 
 #: Real exports where the GroupNormalization reads the model input directly (so a large-mean
 #: input reaches it as such), one per exporter pattern family that has one.
@@ -48,6 +52,11 @@ MEAN, STD = 1e3, 1e-2
 #: onnxruntime) misses by 1e-2 or returns NaN here. 1e-4 (the graph tolerance above) lies
 #: between the two with a 100x margin each way.
 LARGE_MEAN_ATOL = 1e-4
+#: A layer that kept the export's InstanceNormalization arithmetic against the mutant's own
+#: float32 output on the large-mean input, relative to max |gamma|, |beta| + 1: the same kernel on
+#: the same data, only gamma/beta applied by one BatchNormalization instead of Mul + Add (a few
+#: ulps of the O(1) outputs; bit-identical on this machine).
+SAME_ARITHMETIC_ATOL = 1e-5
 
 
 def _entry(name: str) -> dict:
@@ -295,6 +304,12 @@ def test_fused_mutant_computes_what_the_mutant_computes(entry, mutant, target):
             np.testing.assert_array_equal(a, b)
         return
     scale = 1.0 + _affine_scale(mutant, entry["layers"][0]["channels"])
+    if any(e["form"] == UNSHIFTED_FORM for e in report.lowered):
+        for a, b in zip(got, run_ort(mutant, big)):
+            np.testing.assert_allclose(a, b, rtol=0, atol=SAME_ARITHMETIC_ATOL * scale)
+        fused, report = fuse(mutant, target=target, precise=True)
+        assert not any(e["form"] == UNSHIFTED_FORM for e in report.lowered)
+        got = run_ort(fused, big)
     for a, b in zip(got, _float64_outputs(mutant, big)):
         if target == "onnx" and report.lowered and not np.isfinite(a).all():
             pytest.xfail("GroupNormalization-21 in onnxruntime returns NaN at mean 1e3 (benchmarks/precision.py; the CLI warns)")

@@ -14,6 +14,7 @@ from helpers import run_ort
 
 from onnx_groupnorm import ops
 from onnx_groupnorm.rewriter import FuseReport, fuse
+from onnx_groupnorm.rewriter.report import UNSHIFTED_FORM
 from onnx_groupnorm.rewriter.targets import ort_cpu
 
 #: Block models -> (Transposes in the original, at most this many after the ort target).
@@ -96,12 +97,70 @@ def test_block_with_nhwc_residual_keeps_second_layer_and_says_why():
 
 
 def test_channels_first_models_unchanged_by_ort_target():
+    """No layout change on a channels-first model; torch's InstanceNormalization-form layers only
+    lose the precision shift (``keep_export_arithmetic``), unless ``precise``."""
     entry = next(e for e in entries() if e.values[0]["name"] == "torch_gn_ts_block_c32_g8_opset17_dynbatch").values[0]
     model = load(entry)
     function_form, _ = fuse(model, target="function")
     fused, report = fuse(model, target="ort")
-    assert report.lowered == []
+    assert report.lowered and all(e["form"] == UNSHIFTED_FORM for e in report.lowered)
     assert [n.op_type for n in fused.graph.node] == [n.op_type for n in function_form.graph.node]
+    assert all(n.overload.endswith("_unshifted") or not n.overload for n in _ours(fused))
+    precise, precise_report = fuse(model, target="ort", precise=True)
+    assert precise_report.lowered == [] and precise_report.precise
+    assert [n.overload for n in _ours(precise)] == [n.overload for n in _ours(function_form)]
+
+
+#: A hard input for onnxruntime's InstanceNormalization: mean 1e3, std 1e-2 (its
+#: ``x * (1/std) + (-mean/std)`` cancels two ~1e5 terms: torch's export errs ~1e-2 there).
+HARD_MEAN, HARD_STD = 1e3, 1e-2
+#: The export's error at the hard input is above this, so the checks below can tell a shifted
+#: body from an unshifted one.
+EXPORT_ERROR_ABOVE = 1e-4
+#: Our shifted body at the hard input (``tests/test_op_function.py`` measures ~1e-7; 100x margin).
+SHIFTED_TOL = 1e-5
+#: Unshifted, the fused layer runs the export's InstanceNormalization on the same data; only the
+#: affine (one BatchNormalization instead of Mul + Add) may round differently: a few float32 ulps
+#: of outputs of magnitude ~3.
+SAME_ARITHMETIC_ATOL = 1e-5
+
+
+def _layer_reference(fused: onnx.ModelProto, x: np.ndarray, report) -> np.ndarray:
+    """float64 NumPy reference of the one fused layer of ``fused`` on ``x``."""
+    (node,) = _ours(fused)
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in fused.graph.initializer}
+    gamma, beta = (inits[name].astype(np.float64).reshape(-1) for name in node.input[1:3])
+    (layer,) = report.fused
+    return ops.group_normalization(x.astype(np.float64), gamma, beta, groups=layer.groups, axis=1, epsilon=layer.epsilon)
+
+
+@pytest.mark.parametrize("name", ["torch_gn_ts_r4_g4_opset17_dynbatchhw", "torch_gn_dynamo_r4_g4_opset18_static"])
+def test_torch_instancenorm_layers_keep_the_exports_arithmetic(name, rng):
+    """Default ``ort``: a torch InstanceNormalization-form layer computes what the export computes
+    (as precise as the export, never less); ``precise=True``: our shift, precise where the export is not."""
+    entry = next(e for e in entries() if e.values[0]["name"] == name).values[0]
+    model = load(entry)
+    (x,), _ = data(entry)
+    hard = (HARD_MEAN + HARD_STD * rng.standard_normal(x.shape)).astype(np.float32)
+    fused, report = fuse(model, target="ort")
+    precise, _ = fuse(model, target="ort", precise=True)
+    assert [e["form"] for e in report.lowered] == [UNSHIFTED_FORM]
+    ref = _layer_reference(fused, hard, report)
+    (export,), (unshifted,), (shifted,) = run_ort(model, hard), run_ort(fused, hard), run_ort(precise, hard)
+    assert np.max(np.abs(export - ref)) > EXPORT_ERROR_ABOVE
+    np.testing.assert_allclose(unshifted, export, rtol=0, atol=SAME_ARITHMETIC_ATOL)
+    np.testing.assert_allclose(shifted, ref, rtol=0, atol=SHIFTED_TOL)
+    _check_outputs(fused, entry)  # and both match the framework on ordinary data
+    _check_outputs(precise, entry)
+
+
+def test_keras_layers_keep_the_shift_in_ort():
+    """Only torch's InstanceNormalization form gives up the shift: Keras exports compute
+    ``E[x^2] - E[x]^2``, where our shifted body is both faster and precise."""
+    entry = next(e for e in entries() if e.values[0]["name"] == "keras_tf_export_nhwc_r4_resblock_g8").values[0]
+    fused, report = fuse(load(entry), target="ort")
+    assert report.fused and not any(e["form"] == UNSHIFTED_FORM for e in report.lowered)
+    assert not any(n.overload.endswith("_unshifted") for n in _ours(fused))
 
 
 def test_ort_does_not_absorb_activation_by_default():

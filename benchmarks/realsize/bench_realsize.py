@@ -63,8 +63,12 @@ THREADS = 2
 OV_CONFIG = {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": THREADS}
 
 
+#: A target with our precision shift in every layer (``--precise``): what the shift costs.
+PRECISE = "+precise"
+
+
 def cpu_targets(chosen=None):
-    names = [t for t in TARGETS if t not in NOT_ON_CPU]
+    names = [t for t in TARGETS if t not in NOT_ON_CPU] + ["ort" + PRECISE]
     return [t for t in names if t in chosen] if chosen else names
 
 
@@ -106,7 +110,8 @@ sys.exit(rc)
 def fuse_child(src, dst, target):
     """CLI in a child: (seconds, peak RSS MiB of that child, report dict or None, error text)."""
     rep = dst.with_suffix(".report.json")
-    cmd = [sys.executable, "-c", _CHILD, "fuse", str(src), "-o", str(dst), "--target", target, "--report", str(rep)]
+    flags = ["--target", target.removesuffix(PRECISE)] + (["--precise"] if target.endswith(PRECISE) else [])
+    cmd = [sys.executable, "-c", _CHILD, "fuse", str(src), "-o", str(dst), *flags, "--report", str(rep)]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     seconds = time.perf_counter() - t0

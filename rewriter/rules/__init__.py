@@ -9,6 +9,8 @@ bare shift and fail its check instead of letting the full rule match).
 
 from __future__ import annotations
 
+import functools
+
 from onnxscript.rewriter import pattern
 
 from . import (
@@ -22,7 +24,7 @@ from . import (
     torch_instancenorm,
 )
 
-__all__ = ["FAMILIES", "all_rules", "rule_set"]
+__all__ = ["FAMILIES", "all_rules", "rule_set", "family_of"]
 
 #: Exporter families in matching order (module, the ``pattern_family`` it fuses).
 FAMILIES = (
@@ -50,3 +52,13 @@ def all_rules(*, keep_standard: bool = False) -> list[pattern.RewriteRule]:
 def rule_set(*, keep_standard: bool = False) -> pattern.RewriteRuleSet:
     """The rules as one ``RewriteRuleSet``, to compose with other onnxscript rules."""
     return pattern.RewriteRuleSet(all_rules(keep_standard=keep_standard))
+
+
+def family_of(rule_name: str) -> str | None:
+    """The ``pattern_family`` of the rule named ``rule_name`` (a fused node's rule tag), or None."""
+    return _families().get(rule_name)
+
+
+@functools.cache
+def _families() -> dict[str, str]:
+    return {rule.name: family for module, family in FAMILIES for rule in module.rules()}

@@ -6,7 +6,9 @@ left as our op and why (``report.notes``).
 Which target fits which runtime:
 
 * ``ort`` (:data:`DEFAULT_TARGET`; :mod:`.ort_cpu`): onnxruntime CPU. Our op with its
-  function body, channels-last layers moved onto the exporters' channels-first tensors.
+  function body, channels-last layers moved onto the exporters' channels-first tensors;
+  layers torch exported as InstanceNormalization keep that export's arithmetic (no precision
+  shift) unless ``precise``.
 * ``function``: our op with its function body, no layout change (onnxruntime, and onnx's
   ReferenceEvaluator when the model has one variant).
 * ``portable`` (:mod:`.portable`): every runtime that ran the original (onnxruntime,
@@ -88,11 +90,20 @@ def _unique_node_names(model: ir.Model, before: set[ir.Node]) -> None:
             taken.add(name)
 
 
-def lower(model: ir.Model, target: str, report: FuseReport) -> None:
+#: target -> a step after its lowering that gives up our precision shift where the export
+#: computed a layer more cheaply without it (skipped with ``precise``).
+_EXPORT_ARITHMETIC: dict[str, Callable[[ir.Model, FuseReport], None]] = {"ort": ort_cpu.keep_export_arithmetic}
+
+
+def lower(model: ir.Model, target: str, report: FuseReport, *, precise: bool = False) -> None:
+    """Lower our nodes of ``model`` for ``target`` in place; ``precise`` keeps our precision
+    shift in every layer (see :func:`.ort_cpu.keep_export_arithmetic`)."""
     try:
         lowering = TARGETS[target]
     except KeyError:
         raise ValueError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}") from None
     before = {node for container in graph_likes(model) for node in container}
     lowering(model, report)
+    if not precise and target in _EXPORT_ARITHMETIC:
+        _EXPORT_ARITHMETIC[target](model, report)
     _unique_node_names(model, before)

@@ -24,7 +24,10 @@ channels-first tensor together with the layout-neutral ops around it:
 
 Every rewritten region is recorded in ``report.lowered`` with the Transposes removed/inserted.
 Nodes that are not in a rewritten region (channels-first already, middle axis, rank 2, ...)
-stay as they are: our op is already the best CPU form for them.
+stay as they are: our op is already the best CPU form for them, with one exception that
+:func:`keep_export_arithmetic` makes after the regions (skipped with ``precise``): a layer torch
+exported as ``InstanceNormalization`` keeps that export's arithmetic, our body without its
+precision shift, since onnxruntime cannot hide the shift's extra pass over the tensor.
 
 ``ABSORBS_ACTIVATION`` is False: our body computes an absorbed SiLU as separate
 ``Sigmoid``/``Mul`` nodes after the normalisation, so absorbing saves no pass over the data
@@ -39,17 +42,24 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from ...ops import Variant, contract, variant_for
-from .._graphs import graph_likes, is_ours
-from ..report import FuseReport
+from onnxscript.rewriter import RULE_NAME_TAG
 
-__all__ = ["lower", "ABSORBS_ACTIVATION", "plan_regions", "CHANNELS_FIRST_SUFFIX"]
+from ...ops import Variant, contract, variant_for
+from .. import rules
+from .._graphs import graph_likes, is_ours
+from ..report import UNSHIFTED_FORM, FuseReport
+
+__all__ = ["lower", "keep_export_arithmetic", "ABSORBS_ACTIVATION", "plan_regions", "CHANNELS_FIRST_SUFFIX", "EXPORT_ARITHMETIC_FAMILIES"]
 
 #: Name suffix of the channels-first copy of a channels-last value (verification finds the
 #: original value under the name without it).
 CHANNELS_FIRST_SUFFIX = "_nchw"
 
 logger = logging.getLogger(__name__)
+
+#: Exporter families (``rules.FAMILIES``) whose export computes a layer with onnxruntime's own
+#: InstanceNormalization kernel: :func:`keep_export_arithmetic` keeps that arithmetic for them.
+EXPORT_ARITHMETIC_FAMILIES = frozenset({"torch-instancenorm"})
 
 #: Whether this target's form gains from a SiLU absorbed into the op (pipeline default).
 ABSORBS_ACTIVATION = False
@@ -615,3 +625,30 @@ def lower(model: ir.Model, report: FuseReport) -> None:
                 })
     if total_removed or total_inserted:
         logger.info("ort target: removed %d and inserted %d layout Transpose(s)", total_removed, total_inserted)
+
+
+def keep_export_arithmetic(model: ir.Model, report: FuseReport) -> None:
+    """Give the layers torch exported as ``Reshape -> InstanceNormalization -> Mul -> Add`` the
+    cf body without its precision shift, in place (``fuse(precise=True)`` skips this step).
+
+    Our shift (``Slice`` + ``Sub``) is one more pass over the tensor than torch's own export
+    makes, and onnxruntime offers no kernel to hide it in: its InstanceNormalization is
+    single-threaded and applies ``x * (1/std) + (-mean/std)``, so the shift must come from the data
+    before it (``ops.functions``). On ResNet-50 with GroupNorm that pass made the fused model ~3%
+    slower than the export, and the unshifted body ~3% faster (``benchmarks/realsize/``). Unshifted, the
+    layer runs the export's own InstanceNormalization on the same data, so it is as precise as
+    the export, never less; its gamma/beta take one BatchNormalization pass instead of the
+    export's Mul and Add. Every other form keeps the shift: their exports compute ``E[x^2] - E[x]^2``
+    and our body is both faster and precise there.
+    """
+    for container in graph_likes(model):
+        for node in container:
+            if not is_ours(node) or not node.overload:
+                continue
+            if rules.family_of(node.metadata_props.get(RULE_NAME_TAG, "")) not in EXPORT_ARITHMETIC_FAMILIES:
+                continue
+            variant = Variant.from_overload(node.overload)
+            if variant.layout != "cf" or not variant.shift:
+                continue
+            node.overload = variant._replace(shift=False).overload
+            report.lowered.append({"node": _label(node), "form": UNSHIFTED_FORM})

@@ -78,6 +78,11 @@ def main_parser() -> argparse.ArgumentParser:
         help=f"deployment form (default: {DEFAULT_TARGET}); the README says which target fits which runtime",
     )
     fuse.add_argument("--absorb-silu", dest="absorb_activation", action="store_true", default=None, help="fold a following SiLU/swish into the op (activation=1)")
+    fuse.add_argument(
+        "--precise", action="store_true",
+        help="keep our precision shift in every layer; without it the ort target computes layers torch exported as "
+        "InstanceNormalization with that export's own arithmetic (never slower, as precise as the export)",
+    )
     fuse.add_argument("--seed", type=int, default=0, help="seed of the verification inputs (default 0)")
     fuse.add_argument("--input-shape", action="append", default=[], metavar="NAME=DxD", help="verification input shape of input NAME, e.g. audio=1x16000 (repeatable; default: found by trying)")
     fuse.add_argument("--inputs", type=pathlib.Path, metavar="FILE.npz", help="verification inputs: arrays by input name (np.savez)")
@@ -137,6 +142,7 @@ def _fuse_and_save(args, stack: contextlib.ExitStack) -> int:
         keep_standard=args.keep_standard,
         target=args.target,
         absorb_activation=args.absorb_activation,
+        precise=args.precise,
         source=str(args.input),
         seed=args.seed,
         verify_inputs=verify_inputs,

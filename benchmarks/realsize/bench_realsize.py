@@ -42,6 +42,8 @@ import json
 import os
 import pathlib
 import platform
+import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -498,6 +500,19 @@ def profile(names, targets, runs, workdir, top, engine="onnxruntime"):
               flush=True)
 
 
+#: The fused models of a run live in MODELS/.fused-<pid>-XXXX/ while it runs.
+_WORKDIR_PREFIX = ".fused-"
+
+
+def _remove_stale_workdirs():
+    """Remove the fused-model folders of runs that were killed (their pid is gone)."""
+    for folder in MODELS.glob(f"{_WORKDIR_PREFIX}*-*"):
+        pid = folder.name[len(_WORKDIR_PREFIX):].split("-")[0]
+        if pid.isdigit() and not pathlib.Path(f"/proc/{pid}").exists():
+            print(f"removing {folder} (left by a killed run)", flush=True)
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", nargs="+", default=None, metavar="NAME", help="these models, in this order")
@@ -515,7 +530,11 @@ def main():
     args = ap.parse_args()
     targets = cpu_targets(args.targets)
     names = ready_models(args.only)
-    with tempfile.TemporaryDirectory(dir=MODELS, prefix=".fused-") as work:
+    _remove_stale_workdirs()
+    # SIGTERM unwinds like SIGINT, so that the fused models' folder below is removed (SIGKILL
+    # leaves it: the next run removes it).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    with tempfile.TemporaryDirectory(dir=MODELS, prefix=f"{_WORKDIR_PREFIX}{os.getpid()}-") as work:
         workdir = pathlib.Path(work)
         if args.profile or args.profile_openvino:
             profile(names, targets, args.profile_runs, workdir, args.top,

@@ -6,7 +6,9 @@ Run in the package's venv (``.venv`` of the checkout, plus ``pip install openvin
     .venv/bin/python benchmarks/realsize/bench_realsize.py --profile --only NAME [--targets T ..]
 
 Per model and target (``onnx_groupnorm.rewriter.TARGETS`` read at run time, minus the targets of
-``NOT_ON_CPU``) it prints one markdown row:
+``NOT_ON_CPU``, plus ``ort+precise``: ``--target ort --precise``, what our precision shift costs on
+the layers ``ort`` otherwise leaves with torch's InstanceNormalization arithmetic) it prints one
+markdown row:
 
 * fuse time and peak RSS: a child process running the CLI (``onnx-groupnorm fuse IN -o OUT --target
   T --report R``), its own high-water RSS (``VmHWM``); layers fused / the export's GroupNorms;

@@ -154,6 +154,16 @@ def test_torch_instancenorm_layers_keep_the_exports_arithmetic(name, rng):
     _check_outputs(precise, entry)
 
 
+def test_absorbed_silu_keeps_the_exports_arithmetic_too():
+    """A SiLU absorbed into a torch InstanceNormalization-form layer (the node's rule tag then
+    names both rules) still gets the unshifted body, and matches the framework."""
+    entry = next(e for e in entries() if e.values[0]["name"] == "torch_gn_ts_block_c32_g8_opset17_dynbatch").values[0]
+    fused, report = fuse(load(entry), target="ort", absorb_activation=True)
+    assert [f.activation for f in report.fused] == [1]
+    assert [e["form"] for e in report.lowered] == [UNSHIFTED_FORM]
+    _check_outputs(fused, entry)
+
+
 def test_keras_layers_keep_the_shift_in_ort():
     """Only torch's InstanceNormalization form gives up the shift: Keras exports compute
     ``E[x^2] - E[x]^2``, where our shifted body is both faster and precise."""

@@ -645,7 +645,9 @@ def keep_export_arithmetic(model: ir.Model, report: FuseReport) -> None:
         for node in container:
             if not is_ours(node) or not node.overload:
                 continue
-            if rules.family_of(node.metadata_props.get(RULE_NAME_TAG, "")) not in EXPORT_ARITHMETIC_FAMILIES:
+            # The tag names every rule that rewrote the node, e.g. "AbsorbSiLU, TorchInstanceNorm...".
+            names = node.metadata_props.get(RULE_NAME_TAG, "").split(",")
+            if not any(rules.family_of(name.strip()) in EXPORT_ARITHMETIC_FAMILIES for name in names):
                 continue
             variant = Variant.from_overload(node.overload)
             if variant.layout != "cf" or not variant.shift:

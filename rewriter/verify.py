@@ -37,7 +37,9 @@ keeps every fetched layer value alive to the end of a run, so the layers are fet
 batches of at most :data:`FETCH_BUDGET_BYTES`: the last layers' batch runs the whole model
 (its outputs, and the input sizes it accepts), each earlier batch only the nodes before its
 layers. Sessions run one at a time (default thread count, no memory arena, no memory
-pattern, no prepacked weight copies); the float64 work is one NumPy reference per layer per
+pattern, no prepacked weight copies), each block of :data:`MMAP_THRESHOLD_BYTES` or more they
+allocate mapped on its own so that it goes back to the system when freed (glibc's malloc
+would keep it in its heaps); the float64 work is one NumPy reference per layer per
 set, a few groups at a time, plus a subgraph evaluation only for the layers a "more accurate"
 verdict rests on (node by node, each value dropped after its last use); the noise run only on
 its path, fetching the outputs alone (less than the layer runs before it).
@@ -71,7 +73,7 @@ from . import io
 from .report import LayerCheck, OutputCheck, Verification
 from .targets.ort_cpu import CHANNELS_FIRST_SUFFIX
 
-__all__ = ["verify", "VERIFY_TOLERANCES", "CONFIG_TOLERANCE", "MORE_ACCURATE", "SUSPECT_RATIO", "SUSPECT_MARGIN", "WITHIN_NOISE", "NOISE_FACTOR", "FETCH_BUDGET_BYTES"]
+__all__ = ["verify", "VERIFY_TOLERANCES", "CONFIG_TOLERANCE", "MORE_ACCURATE", "SUSPECT_RATIO", "SUSPECT_MARGIN", "WITHIN_NOISE", "NOISE_FACTOR", "FETCH_BUDGET_BYTES", "MMAP_THRESHOLD_BYTES", "HEAP_THRESHOLD_BYTES"]
 
 logger = logging.getLogger(__name__)
 
@@ -249,7 +251,8 @@ class _Model:
         if self.folder is not None:
             options.add_session_config_entry("session.model_external_initializers_file_folder_path", os.fspath(self.folder))
         try:
-            return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+            with _large_blocks_mapped():  # its own copies of weights (reordered Conv weights)
+                return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
         except Exception as e:
             raise _LoadError(f"{self.name}: onnxruntime cannot load the {self.role} model: {one_line(e)}") from e
 
@@ -263,10 +266,59 @@ class _Model:
         held = [session]  # emptied on exit: the session (and its memory) goes even if the runner stays
         del session
         try:
-            yield lambda feeds: dict(zip(fetch, held[0].run(fetch, feeds)))
+            yield lambda feeds: _run(held[0], fetch, feeds)
         finally:
             held.clear()
             _trim()
+
+
+#: While onnxruntime creates a session or runs one, heap blocks of at least this many bytes
+#: are mapped on their own (mmap), so that each goes back to the system when freed. glibc
+#: starts at 128 KiB but raises its threshold to the size of each mapped block freed (up to
+#: 32 MiB): the 1-32 MiB activations then come from heaps that keep what is freed, in pieces
+#: the next values seldom fit, and the run's larger values are added on top. Measured
+#: (benchmarks/verify_rss_trace.py, the Keras SD3 VAE decoder's --verify): peak 890-1075 MiB
+#: with glibc's threshold, 680-690 MiB with 1 or 2 MiB here.
+MMAP_THRESHOLD_BYTES = 2**20
+#: The threshold meanwhile (our NumPy work): glibc's own ceiling on 64-bit, which its sliding
+#: threshold reaches after the first large free. The float64 layer checks allocate the same
+#: few sizes over and over (:data:`_CHUNK_ELEMENTS`): from the heap they are reused; each
+#: mapped afresh, they cost ~1.5 ms of page faults per 8 MiB (~14 s of system time there).
+HEAP_THRESHOLD_BYTES = 32 * 2**20
+#: glibc's sliding threshold sets the heap's trim threshold (free memory at its top given back
+#: at once) to twice itself; fixed thresholds leave it at 128 KiB, and the heap would shrink
+#: and grow again, with page faults, for every chunk of the layer checks. The same as glibc's.
+_TRIM_THRESHOLD_BYTES = 2 * HEAP_THRESHOLD_BYTES
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameter numbers
+
+
+def _mmap_threshold(size: int) -> None:
+    """Fix glibc's mmap threshold at ``size`` (process-wide; glibc offers no way back to its
+    sliding threshold) and its trim threshold as its sliding one would. Elsewhere (no glibc)
+    nothing to do."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            libc = ctypes.CDLL(None)
+            libc.mallopt(_M_MMAP_THRESHOLD, size)
+            libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD_BYTES)
+
+
+@contextlib.contextmanager
+def _large_blocks_mapped() -> Iterator[None]:
+    """Inside: onnxruntime's large blocks mapped on their own (:data:`MMAP_THRESHOLD_BYTES`),
+    after the heap our NumPy work kept for reuse is given back."""
+    _trim()
+    _mmap_threshold(MMAP_THRESHOLD_BYTES)
+    try:
+        yield
+    finally:
+        _mmap_threshold(HEAP_THRESHOLD_BYTES)
+
+
+def _run(session, names: list[str], feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``names`` computed by ``session`` from ``feeds``."""
+    with _large_blocks_mapped():
+        return dict(zip(names, session.run(names, feeds)))
 
 
 def _trim() -> None:
@@ -364,7 +416,7 @@ class _Segments:
                 reads = set().union(*self.reads[start:end + 1])
                 part_feeds = {**feeds, **{n: carried[n] for n in reads if n in carried}}
                 try:
-                    results = dict(zip(outputs, session.run(outputs, part_feeds)))
+                    results = _run(session, outputs, part_feeds)
                 finally:
                     del session
                     _trim()
@@ -720,6 +772,7 @@ def _confirmed(model: ir.Model, layer: _Layer, x: np.ndarray | Callable[[], np.n
     ``x``: the original's layer input, in the original's layout, or a function reading it
     (called twice, so that it is not held while the subgraph is evaluated)."""
     read = x if callable(x) else lambda: x
+    _trim()  # the heap the layer checks kept for reuse: this evaluation is verification's peak
     fed = {n: values[n] for n in layer.shapes if n in values}
     x_name = layer.original_x or layer.x
     sub = _subgraph64(model, x_name, layer.original_y or layer.y, fed)

@@ -39,7 +39,9 @@ batches of at most :data:`FETCH_BUDGET_BYTES`: the last layers' batch runs the w
 layers. Sessions run one at a time (default thread count, no memory arena, no memory
 pattern, no prepacked weight copies), each block of :data:`MMAP_THRESHOLD_BYTES` or more they
 allocate mapped on its own so that it goes back to the system when freed (glibc's malloc
-would keep it in its heaps); the float64 work is one NumPy reference per layer per
+would keep it in its heaps); the original's channels-last layer input is fetched after the
+export's Transpose, so the Conv output before it need not be kept too
+(:func:`_channels_last_input`); the float64 work is one NumPy reference per layer per
 set, a few groups at a time, plus a subgraph evaluation only for the layers a "more accurate"
 verdict rests on (node by node, each value dropped after its last use); the noise run only on
 its path, fetching the outputs alone (less than the layer runs before it).
@@ -938,7 +940,42 @@ def _match_original(layer: _Layer, before: _Model) -> None:
     (layer.original_x, layer.x_channels_last), (layer.original_y, layer.channels_last) = original(layer.x), original(layer.y)
     layer.in_original = all(n is None or n in layer.constants or n in before.values for n in (layer.original_x, layer.original_y, *layer.params))
     if layer.in_original:
+        if not layer.x_channels_last and (moved := _channels_last_input(before.ir, layer.original_x, layer.original_y)):
+            layer.original_x, layer.x_channels_last = moved, True
         layer.shapes = _outside_shapes(before.ir, layer.original_x, layer.original_y)
+
+
+def _channels_last_input(model: ir.Model, x: str, y: str) -> str | None:
+    """The output of the Transpose that moves ``x`` channels last (perm 0, 2, ..., 1), when the
+    original's nodes from ``x`` to ``y`` read ``x`` through it alone (and through Shape/Size):
+    the same numbers, in the layout the export normalises. tf2onnx writes one before each
+    channels-last layer fed by a Conv; fetched as the layer input in its place, onnxruntime
+    need not keep the Conv's channels-first output alive beside it for the rest of the run
+    (the Keras SD3 VAE decoder's 256x256x256 layer at batch 2: 128 MiB). None otherwise."""
+    producers = {out.name: node for node in model.graph for out in node.outputs}
+    readers, stack, seen = set(), [y], set()
+    while stack:
+        name = stack.pop()
+        if name in seen or name == x or not name or name in model.graph.initializers:
+            continue
+        seen.add(name)
+        node = producers.get(name)
+        if node is None:
+            continue
+        if len(seen) > _MAX_SUBGRAPH_NODES:  # not a layer's subgraph: leave it as it is
+            return None
+        inputs = [v.name if v is not None else "" for v in node.inputs]
+        if x in inputs and node.op_type not in _SHAPE_OPS:
+            readers.add(node)
+        stack.extend(inputs)
+    if len(readers) != 1:
+        return None
+    (node,) = readers
+    perm = node.attributes["perm"].as_ints() if "perm" in node.attributes else None
+    channels_last = perm is not None and len(perm) > 2 and list(perm) == [0, *range(2, len(perm)), 1]
+    if node.op_type != "Transpose" or node.domain not in ("", "ai.onnx") or not channels_last or not node.outputs[0].name:
+        return None
+    return node.outputs[0].name
 
 
 def _failed(shapes: list[dict], detail: str) -> Verification:

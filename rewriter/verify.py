@@ -37,7 +37,11 @@ keeps every fetched layer value alive to the end of a run, so the layers are fet
 batches of at most :data:`FETCH_BUDGET_BYTES`: the last layers' batch runs the whole model
 (its outputs, and the input sizes it accepts), each earlier batch only the nodes before its
 layers. Sessions run one at a time (default thread count, no memory arena, no memory
-pattern, no prepacked weight copies); the float64 work is one NumPy reference per layer per
+pattern, no prepacked weight copies), each block of :data:`MMAP_THRESHOLD_BYTES` or more they
+allocate mapped on its own so that it goes back to the system when freed (glibc's malloc
+would keep it in its heaps); the original's channels-last layer input is fetched after the
+export's Transpose, so the Conv output before it need not be kept too
+(:func:`_channels_last_input`); the float64 work is one NumPy reference per layer per
 set, a few groups at a time, plus a subgraph evaluation only for the layers a "more accurate"
 verdict rests on (node by node, each value dropped after its last use); the noise run only on
 its path, fetching the outputs alone (less than the layer runs before it).
@@ -71,7 +75,7 @@ from . import io
 from .report import LayerCheck, OutputCheck, Verification
 from .targets.ort_cpu import CHANNELS_FIRST_SUFFIX
 
-__all__ = ["verify", "VERIFY_TOLERANCES", "CONFIG_TOLERANCE", "MORE_ACCURATE", "SUSPECT_RATIO", "SUSPECT_MARGIN", "WITHIN_NOISE", "NOISE_FACTOR", "FETCH_BUDGET_BYTES"]
+__all__ = ["verify", "VERIFY_TOLERANCES", "CONFIG_TOLERANCE", "MORE_ACCURATE", "SUSPECT_RATIO", "SUSPECT_MARGIN", "WITHIN_NOISE", "NOISE_FACTOR", "FETCH_BUDGET_BYTES", "MMAP_THRESHOLD_BYTES", "HEAP_THRESHOLD_BYTES"]
 
 logger = logging.getLogger(__name__)
 
@@ -249,7 +253,8 @@ class _Model:
         if self.folder is not None:
             options.add_session_config_entry("session.model_external_initializers_file_folder_path", os.fspath(self.folder))
         try:
-            return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+            with _large_blocks_mapped():  # its own copies of weights (reordered Conv weights)
+                return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
         except Exception as e:
             raise _LoadError(f"{self.name}: onnxruntime cannot load the {self.role} model: {one_line(e)}") from e
 
@@ -263,10 +268,59 @@ class _Model:
         held = [session]  # emptied on exit: the session (and its memory) goes even if the runner stays
         del session
         try:
-            yield lambda feeds: dict(zip(fetch, held[0].run(fetch, feeds)))
+            yield lambda feeds: _run(held[0], fetch, feeds)
         finally:
             held.clear()
             _trim()
+
+
+#: While onnxruntime creates a session or runs one, heap blocks of at least this many bytes
+#: are mapped on their own (mmap), so that each goes back to the system when freed. glibc
+#: starts at 128 KiB but raises its threshold to the size of each mapped block freed (up to
+#: 32 MiB): the 1-32 MiB activations then come from heaps that keep what is freed, in pieces
+#: the next values seldom fit, and the run's larger values are added on top. Measured
+#: (benchmarks/verify_rss_trace.py, the Keras SD3 VAE decoder's --verify): peak 890-1075 MiB
+#: with glibc's threshold, 680-690 MiB with 1 or 2 MiB here.
+MMAP_THRESHOLD_BYTES = 2**20
+#: The threshold meanwhile (our NumPy work): glibc's own ceiling on 64-bit, which its sliding
+#: threshold reaches after the first large free. The float64 layer checks allocate the same
+#: few sizes over and over (:data:`_CHUNK_ELEMENTS`): from the heap they are reused; each
+#: mapped afresh, they cost ~1.5 ms of page faults per 8 MiB (~14 s of system time there).
+HEAP_THRESHOLD_BYTES = 32 * 2**20
+#: glibc's sliding threshold sets the heap's trim threshold (free memory at its top given back
+#: at once) to twice itself; fixed thresholds leave it at 128 KiB, and the heap would shrink
+#: and grow again, with page faults, for every chunk of the layer checks. The same as glibc's.
+_TRIM_THRESHOLD_BYTES = 2 * HEAP_THRESHOLD_BYTES
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameter numbers
+
+
+def _mmap_threshold(size: int) -> None:
+    """Fix glibc's mmap threshold at ``size`` (process-wide; glibc offers no way back to its
+    sliding threshold) and its trim threshold as its sliding one would. Elsewhere (no glibc)
+    nothing to do."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            libc = ctypes.CDLL(None)
+            libc.mallopt(_M_MMAP_THRESHOLD, size)
+            libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD_BYTES)
+
+
+@contextlib.contextmanager
+def _large_blocks_mapped() -> Iterator[None]:
+    """Inside: onnxruntime's large blocks mapped on their own (:data:`MMAP_THRESHOLD_BYTES`),
+    after the heap our NumPy work kept for reuse is given back."""
+    _trim()
+    _mmap_threshold(MMAP_THRESHOLD_BYTES)
+    try:
+        yield
+    finally:
+        _mmap_threshold(HEAP_THRESHOLD_BYTES)
+
+
+def _run(session, names: list[str], feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``names`` computed by ``session`` from ``feeds``."""
+    with _large_blocks_mapped():
+        return dict(zip(names, session.run(names, feeds)))
 
 
 def _trim() -> None:
@@ -364,7 +418,7 @@ class _Segments:
                 reads = set().union(*self.reads[start:end + 1])
                 part_feeds = {**feeds, **{n: carried[n] for n in reads if n in carried}}
                 try:
-                    results = dict(zip(outputs, session.run(outputs, part_feeds)))
+                    results = _run(session, outputs, part_feeds)
                 finally:
                     del session
                     _trim()
@@ -721,6 +775,7 @@ def _confirmed(model: ir.Model, layer: _Layer, x: np.ndarray | Callable[[], np.n
     layer input, in the original's layout, or a function reading it (called twice, so that it is
     not held while the subgraph is evaluated)."""
     read = x if callable(x) else lambda: x
+    _trim()  # the heap the layer checks kept for reuse: this evaluation is verification's peak
     fed = {n: values[n] for n in layer.shapes if n in values}
     x_name = layer.original_x or layer.x
     sub = _subgraph64(model, x_name, layer.original_y or layer.y, fed)
@@ -886,7 +941,42 @@ def _match_original(layer: _Layer, before: _Model) -> None:
     (layer.original_x, layer.x_channels_last), (layer.original_y, layer.channels_last) = original(layer.x), original(layer.y)
     layer.in_original = all(n is None or n in layer.constants or n in before.values for n in (layer.original_x, layer.original_y, *layer.params))
     if layer.in_original:
+        if not layer.x_channels_last and (moved := _channels_last_input(before.ir, layer.original_x, layer.original_y)):
+            layer.original_x, layer.x_channels_last = moved, True
         layer.shapes = _outside_shapes(before.ir, layer.original_x, layer.original_y)
+
+
+def _channels_last_input(model: ir.Model, x: str, y: str) -> str | None:
+    """The output of the Transpose that moves ``x`` channels last (perm 0, 2, ..., 1), when the
+    original's nodes from ``x`` to ``y`` read ``x`` through it alone (and through Shape/Size):
+    the same numbers, in the layout the export normalises. tf2onnx writes one before each
+    channels-last layer fed by a Conv; fetched as the layer input in its place, onnxruntime
+    need not keep the Conv's channels-first output alive beside it for the rest of the run
+    (the Keras SD3 VAE decoder's 256x256x256 layer at batch 2: 128 MiB). None otherwise."""
+    producers = {out.name: node for node in model.graph for out in node.outputs}
+    readers, stack, seen = set(), [y], set()
+    while stack:
+        name = stack.pop()
+        if name in seen or name == x or not name or name in model.graph.initializers:
+            continue
+        seen.add(name)
+        node = producers.get(name)
+        if node is None:
+            continue
+        if len(seen) > _MAX_SUBGRAPH_NODES:  # not a layer's subgraph: leave it as it is
+            return None
+        inputs = [v.name if v is not None else "" for v in node.inputs]
+        if x in inputs and node.op_type not in _SHAPE_OPS:
+            readers.add(node)
+        stack.extend(inputs)
+    if len(readers) != 1:
+        return None
+    (node,) = readers
+    perm = node.attributes["perm"].as_ints() if "perm" in node.attributes else None
+    channels_last = perm is not None and len(perm) > 2 and list(perm) == [0, *range(2, len(perm)), 1]
+    if node.op_type != "Transpose" or node.domain not in ("", "ai.onnx") or not channels_last or not node.outputs[0].name:
+        return None
+    return node.outputs[0].name
 
 
 def _failed(shapes: list[dict], detail: str) -> Verification:

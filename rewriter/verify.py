@@ -628,21 +628,33 @@ def _outside_shapes(model: ir.Model, x: str, y: str) -> list[str]:
     """The outputs of ``Shape``/``Size`` nodes of values other than ``x`` that the original's
     nodes from ``x`` to ``y`` read (tf2onnx reshapes back to the batch size of the Conv
     before the layer's Transpose): small integer tensors to fetch and feed."""
+    def outside(node: ir.Node) -> bool:
+        return node.op_type in _SHAPE_OPS and node.domain in ("", "ai.onnx") and node.inputs[0] is not None and node.inputs[0].name != x
+
+    nodes, _ = _walk_back(model, x, y, _MAX_SUBGRAPH_NODES * 4 + 1, stop=outside)
+    return [node.outputs[0].name for node in nodes if outside(node)]
+
+
+def _walk_back(model: ir.Model, x: str, y: str, limit: int, stop: Callable[[ir.Node], bool] = lambda node: False) -> tuple[list[ir.Node], bool]:
+    """The original's nodes met going back from value ``y`` to value ``x`` (never past ``x``,
+    an initializer, or a node ``stop`` is true of), each once, visiting at most ``limit`` values;
+    and whether the walk ended within the limit (a layer's subgraph) or was cut short."""
     producers = {out.name: node for node in model.graph for out in node.outputs}
-    found, stack, seen = [], [y], set()
-    while stack and len(seen) <= _MAX_SUBGRAPH_NODES * 4:
+    nodes, stack, seen = [], [y], set()
+    while stack:
         name = stack.pop()
         if name in seen or name == x or not name or name in model.graph.initializers:
             continue
+        if len(seen) >= limit:
+            return nodes, False
         seen.add(name)
         node = producers.get(name)
         if node is None:
             continue
-        if node.op_type in _SHAPE_OPS and node.domain in ("", "ai.onnx") and node.inputs[0] is not None and node.inputs[0].name != x:
-            found.append(name)
-            continue
-        stack.extend(v.name for v in node.inputs if v is not None)
-    return found
+        nodes.append(node)
+        if not stop(node):
+            stack.extend(v.name for v in node.inputs if v is not None)
+    return nodes, True
 
 
 def _subgraph64(model: ir.Model, x: str, y: str, fed: dict[str, np.ndarray] | None = None) -> onnx.ModelProto | None:
@@ -953,22 +965,10 @@ def _channels_last_input(model: ir.Model, x: str, y: str) -> str | None:
     channels-last layer fed by a Conv; fetched as the layer input in its place, onnxruntime
     need not keep the Conv's channels-first output alive beside it for the rest of the run
     (the Keras SD3 VAE decoder's 256x256x256 layer at batch 2: 128 MiB). None otherwise."""
-    producers = {out.name: node for node in model.graph for out in node.outputs}
-    readers, stack, seen = set(), [y], set()
-    while stack:
-        name = stack.pop()
-        if name in seen or name == x or not name or name in model.graph.initializers:
-            continue
-        seen.add(name)
-        node = producers.get(name)
-        if node is None:
-            continue
-        if len(seen) > _MAX_SUBGRAPH_NODES:  # not a layer's subgraph: leave it as it is
-            return None
-        inputs = [v.name if v is not None else "" for v in node.inputs]
-        if x in inputs and node.op_type not in _SHAPE_OPS:
-            readers.add(node)
-        stack.extend(inputs)
+    nodes, whole = _walk_back(model, x, y, _MAX_SUBGRAPH_NODES + 1)
+    if not whole:  # not a layer's subgraph: leave it as it is
+        return None
+    readers = {node for node in nodes if node.op_type not in _SHAPE_OPS and x in [v.name for v in node.inputs if v is not None]}
     if len(readers) != 1:
         return None
     (node,) = readers

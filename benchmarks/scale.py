@@ -15,8 +15,11 @@ Points:
   /work/bigmodels), when given.
 
 The goal (issue #8): peak RSS <= 2.5 x model size + 300 MiB; fuse time < ~3 s per 100 MB.
+``--verify``: the fuse step runs with ``verify=True`` (what ``onnx-groupnorm fuse --verify`` does), and
+a second table gives, per chain size, the time per layer and the growth exponent against the
+previous size (log t2/t1 / log n2/n1: 1 is linear).
 
-    python benchmarks/scale.py [--no-big] [--models /work/bigmodels] [--keep DIR]
+    python benchmarks/scale.py [--no-big] [--models /work/bigmodels] [--keep DIR] [--verify]
 """
 
 from __future__ import annotations
@@ -45,11 +48,13 @@ def hwm():
 t1 = time.perf_counter()
 model = io.load_model(sys.argv[1])
 t2, h2 = time.perf_counter(), hwm()
-fused, report = fuse(model, target=sys.argv[3])  # as cli._fuse without --verify: weights stay mapped
+verify = sys.argv[4] == "verify"  # as cli._fuse: weights stay mapped, the original verified from its file
+fused, report = fuse(model, target=sys.argv[3], verify=verify, verify_original=sys.argv[1] if verify else None)
 t3, h3 = time.perf_counter(), hwm()
 io.save_model(fused, sys.argv[2], input_path=sys.argv[1])
 t4 = time.perf_counter()
 print(json.dumps({"import": t1 - t0, "load": t2 - t1, "fuse": t3 - t2, "save": t4 - t3, "fused": len(report.fused),
+                  "verdict": report.verification.verdict if verify else "",
                   "peak_rss": hwm(), "peak_load": h2, "peak_fuse": h3}))
 """
 
@@ -130,9 +135,10 @@ def build(path: pathlib.Path, blocks: int, c: int, groups: int, hw: int, *, exte
     return total
 
 
-def measure(model: pathlib.Path, out: pathlib.Path, target: str) -> dict:
+def measure(model: pathlib.Path, out: pathlib.Path, target: str, verify: bool = False) -> dict:
     """Run the child on ``model``: its timings and its peak RSS."""
-    child = subprocess.run([sys.executable, "-c", _CHILD, str(model), str(out), target], capture_output=True, text=True)
+    command = [sys.executable, "-c", _CHILD, str(model), str(out), target, "verify" if verify else "fuse"]
+    child = subprocess.run(command, capture_output=True, text=True)
     if child.returncode:
         last = child.stderr.strip().splitlines()[-1] if child.stderr.strip() else ""
         return {"error": f"exit {child.returncode}: {last}"}
@@ -188,15 +194,16 @@ def main() -> None:
     parser.add_argument("--keep", type=pathlib.Path, help="build the models here (default: a temporary folder, removed)")
     parser.add_argument("--sizes", default="1,10,100,1000")
     parser.add_argument("--check", action="store_true", help="run input and output in onnxruntime and compare (needs ~2x the largest model in RAM)")
+    parser.add_argument("--verify", action="store_true", help="fuse with verify=True (the fuse columns include it) and print its growth with N")
     args = parser.parse_args()
 
     work = args.keep or pathlib.Path(tempfile.mkdtemp(prefix="onnx-groupnorm-scale-"))
     work.mkdir(parents=True, exist_ok=True)
-    print(f"python {sys.version.split()[0]}, onnx {onnx.__version__}, {os.cpu_count()} CPUs, target={args.target}, in {work}")
+    print(f"python {sys.version.split()[0]}, onnx {onnx.__version__}, {os.cpu_count()} CPUs, target={args.target}, verify={args.verify}, in {work}")
     print()
     print("| model | size MiB | layers / fused | load s | fuse s | fuse ms/layer | fuse s/100 MB | save s | peak RSS MiB after load / fuse / save | goal MiB | within |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
-    points, checks = [], []
+    points, checks, chain = [], [], []
     for n in (int(s) for s in args.sizes.split(",")):
         folder = work / f"chain{n}"
         folder.mkdir(exist_ok=True)
@@ -217,8 +224,10 @@ def main() -> None:
     for name, path, layers in points:
         out = work / "out" / (path.stem + ".fused.onnx")
         out.parent.mkdir(exist_ok=True)
-        result = measure(path, out, args.target)
+        result = measure(path, out, args.target, args.verify)
         size = _size(path)
+        if name.startswith("chain-") and "error" not in result:
+            chain.append((layers, result["fuse"], result["verdict"]))
         if layers < 0:
             layers = result.get("fused", 0)
         print(_row(name, size, layers, result), flush=True)
@@ -228,6 +237,11 @@ def main() -> None:
             p.unlink()
     for line in checks:
         print(f"- {line}")
+    if args.verify and chain:
+        print("\n| chain N | fuse + verify s | ms per layer | growth exponent vs the previous N | verdict |\n|---:|---:|---:|---:|---|")
+        for k, (n, seconds, verdict) in enumerate(chain):
+            exponent = "" if k == 0 else f"{np.log(seconds / chain[k - 1][1]) / np.log(n / chain[k - 1][0]):.2f}"
+            print(f"| {n} | {seconds:.2f} | {1000 * seconds / n:.1f} | {exponent} | {verdict} |")
     if not args.keep:
         import shutil
 

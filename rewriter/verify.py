@@ -58,6 +58,7 @@ import os
 import pathlib
 import sys
 import tempfile
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
@@ -635,11 +636,24 @@ def _outside_shapes(model: ir.Model, x: str, y: str) -> list[str]:
     return [node.outputs[0].name for node in nodes if outside(node)]
 
 
+#: graph -> {value name: the node that makes it}: built once per graph, not once per layer (with
+#: a thousand layers, once per layer made verification quadratic in the model's size).
+_PRODUCERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _producers(graph: ir.Graph) -> dict[str, ir.Node]:
+    """Value name -> its producing node in ``graph`` (verification never edits the graphs it reads)."""
+    found = _PRODUCERS.get(graph)
+    if found is None:
+        found = _PRODUCERS[graph] = {out.name: node for node in graph for out in node.outputs}
+    return found
+
+
 def _walk_back(model: ir.Model, x: str, y: str, limit: int, stop: Callable[[ir.Node], bool] = lambda node: False) -> tuple[list[ir.Node], bool]:
     """The original's nodes met going back from value ``y`` to value ``x`` (never past ``x``,
     an initializer, or a node ``stop`` is true of), each once, visiting at most ``limit`` values;
     and whether the walk ended within the limit (a layer's subgraph) or was cut short."""
-    producers = {out.name: node for node in model.graph for out in node.outputs}
+    producers = _producers(model.graph)
     nodes, stack, seen = [], [y], set()
     while stack:
         name = stack.pop()
@@ -661,7 +675,7 @@ def _subgraph64(model: ir.Model, x: str, y: str, fed: dict[str, np.ndarray] | No
     """The original's nodes from ``x`` to ``y`` as a float64 model, or None when they depend on
     anything but ``x``, the values ``fed`` (shapes, as they are) and constants (or hold subgraphs)."""
     fed = fed or {}
-    producers = {out.name: node for node in model.graph for out in node.outputs}
+    producers = _producers(model.graph)
     nodes, inits, stack, seen = [], {}, [y], set()
     while stack:
         name = stack.pop()

@@ -59,7 +59,7 @@ import pathlib
 import sys
 import tempfile
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 
 import numpy as np
 import onnx
@@ -632,7 +632,7 @@ def _outside_shapes(model: ir.Model, x: str, y: str) -> list[str]:
     def outside(node: ir.Node) -> bool:
         return node.op_type in _SHAPE_OPS and node.domain in ("", "ai.onnx") and node.inputs[0] is not None and node.inputs[0].name != x
 
-    nodes, _ = _walk_back(model, x, y, _MAX_SUBGRAPH_NODES * 4 + 1, stop=outside)
+    nodes, _ = _walk_back(model, {x}, y, _MAX_SUBGRAPH_NODES * 4 + 1, stop=outside)
     return [node.outputs[0].name for node in nodes if outside(node)]
 
 
@@ -649,48 +649,46 @@ def _producers(graph: ir.Graph) -> dict[str, ir.Node]:
     return found
 
 
-def _walk_back(model: ir.Model, x: str, y: str, limit: int, stop: Callable[[ir.Node], bool] = lambda node: False) -> tuple[list[ir.Node], bool]:
-    """The original's nodes met going back from value ``y`` to value ``x`` (never past ``x``,
-    an initializer, or a node ``stop`` is true of), each once, visiting at most ``limit`` values;
-    and whether the walk ended within the limit (a layer's subgraph) or was cut short."""
+def _walk_back(model: ir.Model, start: Collection[str], y: str, limit: int,
+               stop: Callable[[ir.Node], bool] = lambda node: False) -> tuple[list[ir.Node], bool]:
+    """The original's nodes met going back from value ``y`` to the values ``start`` (never past
+    those, an initializer, or a node ``stop`` is true of), each once, visiting at most ``limit``
+    values; and whether the walk ended within the limit (a layer's subgraph) or was cut short."""
     producers = _producers(model.graph)
-    nodes, stack, seen = [], [y], set()
+    nodes, stack, seen = {}, [y], set()
     while stack:
         name = stack.pop()
-        if name in seen or name == x or not name or name in model.graph.initializers:
+        if name in seen or name in start or not name or name in model.graph.initializers:
             continue
         if len(seen) >= limit:
-            return nodes, False
+            return list(nodes), False
         seen.add(name)
         node = producers.get(name)
-        if node is None:
+        if node is None or node in nodes:
             continue
-        nodes.append(node)
+        nodes[node] = None
         if not stop(node):
             stack.extend(v.name for v in node.inputs if v is not None)
-    return nodes, True
+    return list(nodes), True
 
 
 def _subgraph64(model: ir.Model, x: str, y: str, fed: dict[str, np.ndarray] | None = None) -> onnx.ModelProto | None:
     """The original's nodes from ``x`` to ``y`` as a float64 model, or None when they depend on
     anything but ``x``, the values ``fed`` (shapes, as they are) and constants (or hold subgraphs)."""
     fed = fed or {}
-    producers = _producers(model.graph)
-    nodes, inits, stack, seen = [], {}, [y], set()
-    while stack:
-        name = stack.pop()
-        if name in seen or name == x or name in fed or not name:
+    nodes, whole = _walk_back(model, {x, *fed}, y, _MAX_SUBGRAPH_NODES + 1)
+    if not whole or any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for n in nodes for a in n.attributes.values()):
+        return None
+    made = {v.name for n in nodes for v in n.outputs}
+    if y not in made:
+        return None
+    inits = {}
+    for name in (v.name for n in nodes for v in n.inputs if v is not None and v.name):
+        if name in made or name == x or name in fed:
             continue
-        seen.add(name)
-        if name in model.graph.initializers:
-            inits[name] = model.graph.initializers[name]
-            continue
-        node = producers.get(name)
-        if node is None or len(nodes) >= _MAX_SUBGRAPH_NODES or any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for a in node.attributes.values()):
+        if name not in model.graph.initializers:  # a graph input or a value from outside the layer
             return None
-        if node not in nodes:
-            nodes.append(node)
-            stack.extend(v.name for v in node.inputs if v is not None)
+        inits[name] = model.graph.initializers[name]
     order = {node: i for i, node in enumerate(model.graph)}
     protos = [ir.serde.serialize_node(n) for n in sorted(nodes, key=order.__getitem__)]
     tensors = []
@@ -979,7 +977,7 @@ def _channels_last_input(model: ir.Model, x: str, y: str) -> str | None:
     channels-last layer fed by a Conv; fetched as the layer input in its place, onnxruntime
     need not keep the Conv's channels-first output alive beside it for the rest of the run
     (the Keras SD3 VAE decoder's 256x256x256 layer at batch 2: 128 MiB). None otherwise."""
-    nodes, whole = _walk_back(model, x, y, _MAX_SUBGRAPH_NODES + 1)
+    nodes, whole = _walk_back(model, {x}, y, _MAX_SUBGRAPH_NODES + 1)
     if not whole:  # not a layer's subgraph: leave it as it is
         return None
     readers = {node for node in nodes if node.op_type not in _SHAPE_OPS and x in [v.name for v in node.inputs if v is not None]}
